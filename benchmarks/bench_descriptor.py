@@ -1,0 +1,137 @@
+"""Benchmark of fitting.descriptor: forward and forward+backward time per batch.
+
+    .venv/bin/python benchmarks/bench_descriptor.py [--backbone vgg16-hed] [--runs 5]
+        [--threads 2] [--batches 1,4,16] [--out benchmarks/results/descriptor.json]
+
+For each batch size: a warm-up call, then the median (and min/max) of N timed runs of
+  * forward:           ``describe(x)`` without autograd (the ranking / reference path),
+  * forward+backward:  ``descriptor_distance(describe(x), target).sum().backward()`` with x
+                       requiring grad (the refinement loss path).
+Also times ``describe_reference`` on a 1024x1024 image (16 tiles) and the first construction
+(weight loading). Writes a JSON with the machine info next to the numbers. The budget checked
+(and reported as ``within_budget``) is: one 256x256 image forward in <= 0.3 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+BUDGET_S = 0.3
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _timed(fn, runs: int) -> dict:
+    fn()  # warm-up
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="vgg16-hed")
+    ap.add_argument("--work-size", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--no-reference", action="store_true", help="skip the describe_reference timing")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "descriptor.json"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from fitting.descriptor import TextureDescriptor, descriptor_distance, synthetic_textures
+
+    t0 = time.perf_counter()
+    desc = TextureDescriptor(args.backbone, work_size=args.work_size)
+    load_s = time.perf_counter() - t0
+    s = args.work_size
+    tex = synthetic_textures(16, s, seed=1)
+    target = desc.describe(torch.from_numpy(np.stack(synthetic_textures(1, s, seed=2)))[:, None])
+
+    results = []
+    for b in [int(v) for v in args.batches.split(",")]:
+        x = torch.from_numpy(np.stack([tex[i % len(tex)] for i in range(b)]))[:, None].contiguous()
+
+        def fwd():
+            with torch.no_grad():
+                desc.describe(x)
+
+        def fwd_bwd():
+            xx = x.clone().requires_grad_(True)
+            descriptor_distance(desc.describe(xx), target).sum().backward()
+
+        runs_fb = max(2, args.runs // 2) if b >= 16 else args.runs
+        f = _timed(fwd, args.runs)
+        fb = _timed(fwd_bwd, runs_fb)
+        row = {"batch": b, "forward": f, "forward_backward": fb,
+               "forward_per_image_s": f["median_s"] / b, "forward_backward_per_image_s": fb["median_s"] / b}
+        results.append(row)
+        print(f"batch {b:3d}: forward {f['median_s']:.3f} s ({row['forward_per_image_s']:.3f} s/img), "
+              f"forward+backward {fb['median_s']:.3f} s ({row['forward_backward_per_image_s']:.3f} s/img)",
+              flush=True)
+
+    ref = None
+    if not args.no_reference:
+        big = np.tile(np.stack(synthetic_textures(1, 512, seed=3))[0], (2, 2))
+        r = _timed(lambda: desc.describe_reference(big, max_tiles=16), max(1, args.runs // 2))
+        ref = {"image": "1024x1024", "tiles": 16, **r}
+        print(f"describe_reference 1024x1024 (16 tiles): {r['median_s']:.3f} s", flush=True)
+
+    one = results[0]["forward"]["median_s"] if results and results[0]["batch"] == 1 else None
+    out = {
+        "benchmark": "descriptor",
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": desc.backbone_id,
+        "work_size": s,
+        "dim": desc.dim,
+        "layers": list(desc.layers),
+        "first_load_s": load_s,
+        "budget_forward_1_image_s": BUDGET_S,
+        "within_budget": None if one is None else one <= BUDGET_S,
+        "results": results,
+        "describe_reference": ref,
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

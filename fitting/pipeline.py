@@ -1,0 +1,420 @@
+"""The fit: reference -> descriptor -> top-3 candidates -> refinement -> recipe.
+
+1. Load the reference (data bar excluded) and describe it at a few working scales
+   (particle size in pixels is unknown, so the reference is described at several
+   downsamplings and each candidate keeps the scale it matches best).
+2. Every library material proposes parameters (its predictor, else its defaults), a few
+   particle sizes are searched around that proposal, each proposal is rendered and
+   described, and materials are ranked by L1 descriptor distance. The best 3 are kept.
+3. Each is refined by Adam on its refinable, normalised parameters through the
+   differentiable Mitsuba render; the loss is the descriptor distance plus a gray-level
+   distribution term (sorted-pixel L1 = 1-D Wasserstein distance; see
+   benchmarks/bench_fit.py for the measurement that justifies it). A new render seed every
+   iteration, early stopping, a time/iteration budget.
+4. The candidate with the smallest final distance (measured on fixed evaluation seeds for
+   all candidates alike) is the result.
+
+Emits :class:`FitEvent`s; honours a :class:`CancelToken` between iterations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, MatfitError
+from .events import CancelToken, EventSink, FitEvent, null_sink
+
+SIZE_PARAMS = ("size_mean", "primary_size", "length_mean", "diameter")
+EVAL_SEEDS = (1001, 1002)
+
+
+@dataclass
+class FitOptions:
+    budget_s: float = 120.0          # whole fit, wall clock
+    iterations: int = 60             # per candidate, at most
+    size: int = 256                  # render/working resolution
+    spp: int = 4
+    seed: int = 0
+    top_k: int = 3
+    backbone: str = "vgg16-hed"
+    preview_every: int = 5           # iterations between preview events
+    lr: float = 0.04
+    patience: int = 12               # iterations without improvement before stopping
+    hist_weight: float = 1.0
+    materials: list[str] | None = None   # restrict the library (tests, power users)
+    scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
+    search_sizes: bool = True
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["scales"] = list(self.scales)
+        return d
+
+
+@dataclass
+class Candidate:
+    material_id: str
+    scale: int
+    x_initial: np.ndarray
+    distance_initial: float
+    x_final: np.ndarray | None = None
+    distance_final: float | None = None
+    history: list[float] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    stopped: str = ""
+    predictor: str = "defaults"
+
+    def summary(self) -> dict:
+        return {"material": self.material_id, "scale": self.scale, "distance_initial": self.distance_initial,
+                "distance_final": self.distance_final, "iterations": self.iterations,
+                "seconds": round(self.seconds, 2), "stopped": self.stopped, "initial_guess": self.predictor}
+
+
+@dataclass
+class FitResult:
+    recipe: Any
+    candidates: list[Candidate]
+    ranking: list[dict]
+    best: Candidate
+    timings: dict[str, float]
+    reference: dict
+    preview: np.ndarray              # best render (size x size, float [0,1])
+    reference_tile: np.ndarray       # the reference at the chosen scale, centre tile
+
+    def summary(self) -> dict:
+        return {"candidates": [c.summary() for c in self.candidates], "best": self.best.material_id,
+                "metrics": {"distance_initial": self.best.distance_initial,
+                            "distance_final": self.best.distance_final,
+                            "improvement": (self.best.distance_initial - (self.best.distance_final or 0.0)),
+                            "scale": self.best.scale},
+                "ranking": self.ranking, "timings": self.timings}
+
+
+def thumbnail(img: np.ndarray, size: int = 96) -> np.ndarray:
+    from PIL import Image
+    a = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
+
+
+def center_tile(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape
+    if h < size or w < size:
+        from PIL import Image
+        s = size / min(h, w)
+        img = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize(
+            (max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR))
+        h, w = img.shape
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return img[y0:y0 + size, x0:x0 + size]
+
+
+def sorted_pixels(img: torch.Tensor, n: int = 4096) -> torch.Tensor:
+    """Quantiles of the gray-level distribution (differentiable through the sort)."""
+    flat = img.reshape(-1)
+    if flat.numel() > n:
+        idx = torch.linspace(0, flat.numel() - 1, n).long()
+        return torch.sort(flat)[0][idx]
+    return torch.sort(flat)[0]
+
+
+class ReferenceTarget:
+    """The reference described at several working scales (descriptor + gray-level quantiles)."""
+
+    def __init__(self, ref, descriptor, scales, size) -> None:
+        self.ref = ref
+        self.size = size
+        self.by_scale: dict[int, dict[str, Any]] = {}
+        full = ref.cropped
+        longest = max(full.shape)
+        mask_full = None
+        if ref.valid_mask is not None:
+            x0, y0, x1, y1 = ref.crop_box
+            mask_full = ref.valid_mask[y0:y1, x0:x1]
+        used = []
+        for s in scales:
+            s = int(min(s, longest))
+            if s in used or s < size * 0.75:
+                continue
+            used.append(s)
+            work = ref.working(max_side=s)
+            mask = None
+            if mask_full is not None:
+                from PIL import Image
+                mask = np.asarray(Image.fromarray(mask_full.astype(np.uint8) * 255).resize(
+                    (work.shape[1], work.shape[0]), Image.NEAREST)) > 127
+            desc = descriptor.describe_reference(work, valid_mask=mask)
+            vals = work[mask] if mask is not None else work.reshape(-1)
+            q = torch.as_tensor(np.quantile(vals, np.linspace(0, 1, 4096)).astype(np.float32))
+            self.by_scale[s] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
+                                "tile": center_tile(work, size)}
+        if not self.by_scale:  # image smaller than every scale: use it as it is
+            work = ref.working(max_side=longest)
+            desc = descriptor.describe_reference(work)
+            q = torch.as_tensor(np.quantile(work, np.linspace(0, 1, 4096)).astype(np.float32))
+            self.by_scale[longest] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
+                                      "tile": center_tile(work, size)}
+
+    @property
+    def scales(self) -> list[int]:
+        return list(self.by_scale)
+
+
+def _emit(sink: EventSink, kind: str, **kw) -> None:
+    try:
+        sink(FitEvent(kind=kind, **kw))
+    except Exception:  # a broken listener must not kill the fit
+        pass
+
+
+def size_variants(material, x0: np.ndarray, search: bool) -> list[np.ndarray]:
+    out = [x0]
+    if not search:
+        return out
+    for i, s in enumerate(material.specs):
+        if s.name in SIZE_PARAMS:
+            for d in (-0.3, 0.3):
+                x = x0.copy()
+                x[i] = float(np.clip(x0[i] + d, 0.0, 1.0))
+                if abs(x[i] - x0[i]) > 1e-3:
+                    out.append(x)
+            break
+    return out
+
+
+def fit_reference(reference, options: FitOptions | None = None, on_event: EventSink | None = None,
+                  cancel: CancelToken | None = None, library: dict | None = None):
+    """Fit the library to a reference image (path or ReferenceImage). Returns a FitResult.
+
+    Raises Cancelled when ``cancel`` fires (within one iteration), MatfitError on bad input.
+    """
+    opts = options or FitOptions()
+    sink = on_event or null_sink
+    cancel = cancel or CancelToken()
+    try:
+        return _fit(reference, opts, sink, cancel, library)
+    except Cancelled as exc:
+        _emit(sink, "failed", message=str(exc.message), data={"cancelled": True})
+        raise
+    except MatfitError as exc:
+        _emit(sink, "failed", message=exc.message, data={"hint": exc.hint})
+        raise
+    except Exception as exc:  # pragma: no cover - unexpected: still tell the listener
+        _emit(sink, "failed", message=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, library):
+    from .descriptor import TextureDescriptor, descriptor_distance
+    from .images import ReferenceImage, load_reference
+    from .library import load_library
+    from .predictor import load_predictor
+    from .recipe import Recipe
+    from .runtime import init_mitsuba
+    from .scene import MaterialScene, RenderSettings
+
+    t_start = time.time()
+    deadline = t_start + opts.budget_s
+    timings: dict[str, float] = {}
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+
+    _emit(sink, "stage", stage="load", message="loading the reference", progress=0.0)
+    ref = reference if isinstance(reference, ReferenceImage) else load_reference(reference)
+    info = init_mitsuba()
+    lib = library or load_library()
+    if opts.materials:
+        unknown = [m for m in opts.materials if m not in lib]
+        if unknown:
+            raise MatfitError(f"unknown material(s) {', '.join(unknown)}", hint="see `matfit library list`")
+        lib = {k: lib[k] for k in opts.materials}
+    timings["load"] = time.time() - t_start
+
+    t0 = time.time()
+    _emit(sink, "stage", stage="describe", message="describing the reference", progress=0.02)
+    desc = TextureDescriptor(opts.backbone, work_size=opts.size)
+    target = ReferenceTarget(ref, desc, opts.scales, opts.size)
+    timings["describe"] = time.time() - t0
+    cancel.check("the fit")
+
+    # ------------------------------------------------------------------ ranking
+    t0 = time.time()
+    _emit(sink, "stage", stage="rank", message=f"rendering {len(lib)} library materials", progress=0.05)
+    ranking: list[dict] = []
+    scenes: dict[str, MaterialScene] = {}
+    rank_share = 0.25 * opts.budget_s
+    for mi_, (mid, mat) in enumerate(lib.items()):
+        cancel.check("the fit")
+        scene = MaterialScene(mat, RenderSettings(size=opts.size, spp=opts.spp, layout_seed=opts.seed))
+        scenes[mid] = scene
+        pred = load_predictor(mat, backbone=desc.backbone_id)
+        # Proposals per scale: the predictor's guess for that scale's descriptor, or the
+        # defaults (then one set of renders serves every scale).
+        proposals: dict[int, np.ndarray] = {}
+        for s in target.scales:
+            proposals[s] = pred.predict(target.by_scale[s]["descriptor"]) if pred is not None else mat.default_vector()
+        source = "predictor" if pred is not None else "defaults"
+        rendered: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        best = None
+        for s in target.scales:
+            search = opts.search_sizes and time.time() - t0 < rank_share
+            for x in size_variants(mat, proposals[s], search):
+                key = np.round(x, 5).tobytes()
+                if key not in rendered:
+                    img = scene.render(torch.as_tensor(x), seed=opts.seed + 17).detach()
+                    with torch.no_grad():
+                        rendered[key] = (img, desc.describe(img[None, None]))
+                img, dvec = rendered[key]
+                d = float(descriptor_distance(dvec, target.by_scale[s]["descriptor"]).mean())
+                if best is None or d < best["distance"]:
+                    best = {"material": mid, "title": mat.title, "imaging": mat.imaging, "distance": d,
+                            "scale": s, "x": x.copy(), "source": source, "img": img.numpy()}
+        ranking.append(best)
+        _emit(sink, "log", stage="rank", message=f"{mid}: distance {best['distance']:.4f} at scale {best['scale']}",
+              progress=0.05 + 0.2 * (mi_ + 1) / len(lib))
+    ranking.sort(key=lambda r: r["distance"])
+    top = ranking[:opts.top_k]
+    timings["rank"] = time.time() - t0
+    _emit(sink, "candidates", stage="rank", progress=0.25,
+          message="top candidates: " + ", ".join(f"{r['material']} ({r['distance']:.3f})" for r in top),
+          data={"ranking": [{k: r[k] for k in ("material", "title", "imaging", "distance", "scale")} for r in ranking],
+                "thumbnails": {r["material"]: thumbnail(r["img"]) for r in top},
+                "reference": thumbnail(target.by_scale[top[0]["scale"]]["tile"])})
+
+    # ------------------------------------------------------------------ refinement
+    t0 = time.time()
+    candidates: list[Candidate] = []
+    for ci, r in enumerate(top):
+        cancel.check("the fit")
+        mat = lib[r["material"]]
+        scene = scenes[r["material"]]
+        tgt = target.by_scale[r["scale"]]
+        remaining = max(0.0, deadline - time.time())
+        share = remaining / (len(top) - ci)
+        cand = Candidate(material_id=mat.id, scale=r["scale"], x_initial=r["x"], distance_initial=float("nan"),
+                         predictor=r["source"])
+        _emit(sink, "stage", stage="refine", message=f"refining {mat.id} ({ci + 1}/{len(top)})",
+              progress=0.25 + 0.7 * ci / len(top), data={"candidate": ci, "material": mat.id})
+        refine(scene, tgt, desc, cand, opts, share, sink, cancel, ci, len(top), rng)
+        candidates.append(cand)
+    timings["refine"] = time.time() - t0
+
+    # ------------------------------------------------------------------ choose + recipe
+    t0 = time.time()
+    best = min(candidates, key=lambda c: c.distance_final)
+    mat = lib[best.material_id]
+    scene = scenes[best.material_id]
+    preview = scene.render_numpy(best.x_final, seed=EVAL_SEEDS[0])
+    timings["export"] = time.time() - t0
+    timings["total"] = time.time() - t_start
+    refined = [s.name for s, m in zip(mat.specs, mat.refine_mask()) if m]
+    recipe = Recipe.from_vector(
+        mat, best.x_final,
+        render={"size": opts.size, "spp": opts.spp, "layout_seed": opts.seed, "variant": info.variant},
+        seeds={"layout": opts.seed, "render": EVAL_SEEDS[0], "fit": opts.seed},
+        refined=refined, initial=mat.physical(best.x_initial),
+        descriptor={"backbone": desc.backbone_id, "work_size": opts.size, "layers": list(desc.layers)},
+        reference={**ref.to_dict(), "working_scale": best.scale},
+        fit={"options": opts.to_dict(),
+             "top": [c.summary() for c in candidates],
+             "ranking": [{k: r[k] for k in ("material", "distance", "scale", "source")} for r in ranking],
+             "loss_history": {c.material_id: _history_summary(c.history) for c in candidates},
+             "timings": {k: round(v, 3) for k, v in timings.items()}})
+    result = FitResult(recipe=recipe, candidates=candidates, ranking=[{k: r[k] for k in ("material", "distance", "scale", "source")} for r in ranking],
+                       best=best, timings=timings, reference=ref.to_dict(), preview=preview,
+                       reference_tile=target.by_scale[best.scale]["tile"])
+    _emit(sink, "finished", stage="export", progress=1.0,
+          message=f"best: {best.material_id}, distance {best.distance_initial:.4f} -> {best.distance_final:.4f}",
+          data={"summary": result.summary(), "preview": thumbnail(preview, opts.size)})
+    return result
+
+
+def _history_summary(h: list[float]) -> dict:
+    if not h:
+        return {"iterations": 0}
+    return {"iterations": len(h), "first": h[0], "last": h[-1], "min": min(h),
+            "every_5th": [round(v, 5) for v in h[::5]]}
+
+
+def evaluate_distance(scene, x: np.ndarray, desc, tgt_desc, seeds=EVAL_SEEDS) -> float:
+    """Descriptor distance averaged over fixed seeds: the same yardstick for every candidate."""
+    from .descriptor import descriptor_distance
+    with torch.no_grad():
+        imgs = torch.stack([scene.render(torch.as_tensor(x), seed=s) for s in seeds])[:, None]
+        return float(descriptor_distance(desc.describe(imgs), tgt_desc).mean())
+
+
+def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: float, sink: EventSink,
+           cancel: CancelToken, index: int, total: int, rng) -> None:
+    from .descriptor import descriptor_distance
+    t_start = time.time()
+    mat = scene.material
+    mask = torch.as_tensor(mat.refine_mask())
+    x0 = torch.as_tensor(cand.x_initial, dtype=torch.float32)
+    cand.distance_initial = evaluate_distance(scene, cand.x_initial, desc, tgt["descriptor"])
+    free = x0[mask].clone().requires_grad_(True)
+    optim = torch.optim.Adam([free], lr=opts.lr)
+    q_ref = tgt["quantiles"]
+    best_x, best_loss, since_best = cand.x_initial.copy(), math.inf, 0
+    ema = None
+    last_dur = 0.0
+    cand.stopped = "iterations"
+    for it in range(opts.iterations):
+        cancel.check("the fit")
+        elapsed = time.time() - t_start
+        if elapsed + last_dur > budget_s and it > 0:
+            cand.stopped = "budget"
+            break
+        t_it = time.time()
+        x = x0.clone()
+        x[mask] = free
+        seed = opts.seed * 100003 + index * 1009 + it
+        img = scene.render(x, seed=seed)
+        d = descriptor_distance(desc.describe(img[None, None]), tgt["descriptor"]).mean()
+        hist = (sorted_pixels(img) - q_ref).abs().mean()
+        loss = d + opts.hist_weight * hist
+        optim.zero_grad()
+        loss.backward()
+        # The loss was measured at x *before* this step: remember that x if it is the best.
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.7 * ema + 0.3 * lv
+        if ema < best_loss - 1e-4:
+            best_loss, since_best = ema, 0
+            best_x = x.detach().numpy().copy()
+        else:
+            since_best += 1
+        optim.step()
+        with torch.no_grad():
+            free.clamp_(0.0, 1.0)
+        cand.history.append(lv)
+        cand.iterations = it + 1
+        last_dur = time.time() - t_it
+        frac = 0.25 + 0.7 * (index + min(1.0, (it + 1) / opts.iterations)) / total
+        phys = mat.physical(x.detach().numpy())
+        _emit(sink, "iteration", stage="refine", progress=frac,
+              eta_s=max(0.0, budget_s - (time.time() - t_start)) + (total - index - 1) * budget_s,
+              message=f"{mat.id} it {it + 1}: loss {lv:.4f}",
+              data={"candidate": index, "material": mat.id, "iteration": it + 1, "loss": lv,
+                    "distance": float(d.detach()), "hist": float(hist.detach()),
+                    "params": {k: round(v, 5) for k, v in phys.items()}})
+        if opts.preview_every and (it % opts.preview_every == 0):
+            _emit(sink, "preview", stage="refine", progress=frac,
+                  data={"candidate": index, "material": mat.id, "iteration": it + 1,
+                        "image": (np.clip(img.detach().numpy(), 0, 1) * 255).astype(np.uint8)})
+        if since_best >= opts.patience:
+            cand.stopped = "converged"
+            break
+    final = evaluate_distance(scene, best_x, desc, tgt["descriptor"])
+    if final > cand.distance_initial:
+        # Refinement must never hand back something worse than where it started.
+        best_x, final = cand.x_initial.copy(), cand.distance_initial
+        cand.stopped += " (kept initial)"
+    cand.x_final = best_x
+    cand.distance_final = final
+    cand.seconds = time.time() - t_start
