@@ -27,6 +27,7 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_worker import DEFAULT_BACKEND, serve
+from .qtfix import emit
 
 POLL_INTERVAL_MS = 30
 POLL_BUDGET_S = 0.012      # at most this long handling replies per tick: the loop stays fluid
@@ -139,23 +140,22 @@ class EngineClient(QObject):
         self.start()
         self._resend_pending()
 
-    def shutdown(self, timeout_s: float = 3.0) -> None:
-        """Stop the child: politely (it finishes nothing more), then by force."""
+    def shutdown(self, timeout_s: float = 2.0) -> None:
+        """Stop the child: politely when it is idle, else at once. Killing is safe: the engine
+        writes every file atomically, so no half-written recipe can be left behind."""
         self._timer.stop()
         proc, self._process = self._process, None
         if proc is None:
             return
-        if proc.is_alive():
-            if self._pending:
-                self._cancel_all()
+        if proc.is_alive() and self.capabilities and not self._pending:
             try:
                 self._requests.put(None)
+                proc.join(timeout_s)
             except (OSError, ValueError):
                 pass
-            proc.join(timeout_s)
         if proc.is_alive():
             proc.kill()
-            proc.join(1.0)
+            proc.join(2.0)
         self._drop_queues()
         self._pending.clear()
         self._set_busy(False)
@@ -206,10 +206,6 @@ class EngineClient(QObject):
     def is_pending(self, request_id: int) -> bool:
         return request_id in self._pending
 
-    def _cancel_all(self) -> None:
-        for rid in list(self._pending):
-            self.cancel(rid)
-
     def _resend_pending(self) -> None:
         for p in self._pending.values():
             p.started = False
@@ -225,7 +221,7 @@ class EngineClient(QObject):
     def _set_busy(self, busy: bool) -> None:
         if busy != self._busy:
             self._busy = busy
-            self.busyChanged.emit(busy)
+            emit(self.busyChanged, busy)
 
     # ------------------------------------------------------------------ polling
     def _poll(self) -> None:
@@ -247,13 +243,18 @@ class EngineClient(QObject):
     def _dispatch(self, kind: str, rid: int, payload: Any) -> None:
         if kind == "ready":
             self.capabilities = payload
-            self.ready.emit(payload)
+            emit(self.ready, payload)
             return
         p = self._pending.get(rid)
         if p is None:  # a request cancelled before it started, or after its grace
             return
         if kind == "started":
             p.started = True
+        elif p.cancel_asked_at is not None:
+            # After cancel() the caller hears only on_cancelled, even if the job finished anyway.
+            if kind in ("result", "error", "cancelled"):
+                self._finish(rid)
+                _call(p.on_cancelled)
         elif kind == "event":
             _call(p.on_event, payload)
         elif kind == "result":
@@ -298,4 +299,4 @@ class EngineClient(QObject):
                 _call(p.on_cancelled)
             else:
                 _call(p.on_error, err)
-        self.died.emit(message)
+        emit(self.died, message)

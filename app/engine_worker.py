@@ -86,13 +86,46 @@ def export_scene_function():
         return None
 
 
+def recipe_for(req: dict):
+    """The recipe of what the window shows: its base recipe (the fit's, or an opened one) with
+    the material and values now shown, keeping the fit's record (reference, options, seeds).
+
+    Requests carry everything (``material``, ``x``, ``base`` recipe dict, ``candidate`` with
+    its ``x_initial``/``x_final``/``scale``), so a restarted engine can serve them as well.
+    """
+    from fitting.library import get_material
+    from fitting.recipe import Recipe
+    mat = get_material(req["material"])
+    x = np.asarray(req["x"], dtype=np.float32)
+    if not req.get("base"):
+        return Recipe.from_vector(mat, x, notes=["written by matfit-gui"])
+    base = Recipe.from_dict(req["base"], source="the window's recipe")
+    base.notes = list(dict.fromkeys(base.notes))   # a round trip may repeat a note
+    cand = req.get("candidate")
+    if base.material_id == mat.id:
+        recipe = replace(base, values=mat.physical(x), notes=list(base.notes))
+        start = cand["x_final"] if cand else base.vector(mat)
+    else:
+        # Another candidate of the same fit: its own starting point and working scale.
+        refined = [s.name for s, m in zip(mat.specs, mat.refine_mask()) if m]
+        reference = base.reference
+        if cand and reference is not None:
+            reference = {**reference, "working_scale": cand["scale"]}
+        recipe = replace(base, material_id=mat.id, content_hash=mat.content_hash, values=mat.physical(x),
+                         initial=mat.physical(cand["x_initial"]) if cand else None,
+                         refined=refined, reference=reference, notes=list(base.notes))
+        recipe.notes.append(f"candidate {mat.id} of the fit (the fit's best was {base.material_id})")
+        start = cand["x_final"] if cand else x
+    if not np.allclose(x, np.asarray(start, dtype=np.float32), atol=1e-6):
+        recipe.notes.append("parameters edited in matfit-gui after the fit")
+    return recipe
+
+
 class EngineBackend:
-    """The engine's state in the child: cached scenes, the last fit, the current recipe."""
+    """The engine's state in the child: only caches (scenes); requests carry the rest."""
 
     def __init__(self) -> None:
         self._scenes: OrderedDict[tuple, Any] = OrderedDict()
-        self._base_recipe = None                   # the last fit's recipe, or the opened recipe
-        self._fit_candidates: dict[str, Any] = {}  # material id -> pipeline.Candidate of that fit
 
     # ------------------------------------------------------------------ start-up
     def startup(self, device: str, threads: int) -> dict:
@@ -120,7 +153,6 @@ class EngineBackend:
         info["export_scene"] = export_scene_function() is not None
         return info
 
-    # ------------------------------------------------------------------ helpers
     def _scene(self, material_id: str, size: int, spp: int, layout_seed: int):
         """A cached MaterialScene: building the Mitsuba scene costs more than a render."""
         from fitting.library import get_material
@@ -135,35 +167,6 @@ class EngineBackend:
                 self._scenes.popitem(last=False)
         self._scenes.move_to_end(key)
         return scene
-
-    def _recipe_for(self, material_id: str, x: np.ndarray):
-        """The recipe of the window's current document: the fit's (or opened) recipe with the
-        material and values now shown, keeping the fit's record (reference, options, seeds)."""
-        from fitting.library import get_material
-        from fitting.recipe import Recipe
-        mat = get_material(material_id)
-        x = np.asarray(x, dtype=np.float32)
-        base = self._base_recipe
-        if base is None:
-            return Recipe.from_vector(mat, x, notes=["written by matfit-gui"])
-        cand = self._fit_candidates.get(material_id)
-        if base.material_id == material_id:
-            recipe = replace(base, values=mat.physical(x), notes=list(base.notes))
-            start = cand.x_final if cand is not None else base.vector(mat)
-        else:
-            # Another candidate of the same fit: its own starting point and working scale.
-            refined = [s.name for s, m in zip(mat.specs, mat.refine_mask()) if m]
-            reference = base.reference
-            if cand is not None and reference is not None:
-                reference = {**reference, "working_scale": cand.scale}
-            recipe = replace(base, material_id=mat.id, content_hash=mat.content_hash, values=mat.physical(x),
-                             initial=mat.physical(cand.x_initial) if cand is not None else None,
-                             refined=refined, reference=reference, notes=list(base.notes))
-            recipe.notes.append(f"candidate {mat.id} of the fit (the fit's best was {base.material_id})")
-            start = cand.x_final if cand is not None else x
-        if not np.allclose(x, np.asarray(start, dtype=np.float32), atol=1e-6):
-            recipe.notes.append("parameters edited in matfit-gui after the fit")
-        return recipe
 
     # ------------------------------------------------------------------ ops
     def op_fit(self, req: dict, emit, cancel) -> dict:
@@ -188,8 +191,6 @@ class EngineBackend:
             emit(ev)
 
         result = fit_reference(ref, opts, on_event=forward, cancel=cancel)
-        self._base_recipe = result.recipe
-        self._fit_candidates = {c.material_id: c for c in result.candidates}
         autosaved, autosave_error = None, None
         if req.get("autosave"):
             try:
@@ -209,6 +210,7 @@ class EngineBackend:
                                "reference_tile": tile})
         best = [c.material_id for c in result.candidates].index(result.best.material_id)
         return {"candidates": candidates, "best": best, "preview": to_uint8(result.preview),
+                "recipe": result.recipe.to_dict(),
                 "render": dict(result.recipe.render), "seed": PREVIEW_SEED,
                 "summary": result.summary(), "autosaved": autosaved, "autosave_error": autosave_error}
 
@@ -221,7 +223,7 @@ class EngineBackend:
         if req.get("autosave"):
             # Edits are the user's work too: keep the autosaved recipe in step with them.
             try:
-                self._recipe_for(req["material"], req["x"]).save(req["autosave"])
+                recipe_for(req).save(req["autosave"])
             except OSError as exc:
                 out["autosave_error"] = f"{req['autosave']}: {exc}"
         return out
@@ -248,7 +250,7 @@ class EngineBackend:
         return {"count": len(seeds)}
 
     def op_save_recipe(self, req: dict, emit, cancel) -> dict:
-        return {"path": str(self._recipe_for(req["material"], req["x"]).save(req["path"]))}
+        return {"path": str(recipe_for(req).save(req["path"]))}
 
     def op_export_scene(self, req: dict, emit, cancel) -> dict:
         from fitting.errors import MatfitError
@@ -256,7 +258,7 @@ class EngineBackend:
         if export is None:
             raise MatfitError("this matfit cannot export Mitsuba scenes yet",
                               hint="update matfit; fitting.export.export_mitsuba_scene is missing")
-        out = export(self._recipe_for(req["material"], req["x"]), req["folder"])
+        out = export(recipe_for(req), req["folder"])
         return {"path": str(out if out is not None else req["folder"])}
 
     def op_open_recipe(self, req: dict, emit, cancel) -> dict:
@@ -267,11 +269,8 @@ class EngineBackend:
         render = {"size": 256, "spp": 4, "layout_seed": 0, **recipe.render}
         seed = int(recipe.seeds.get("render", PREVIEW_SEED))
         img = self._scene(mat.id, render["size"], render["spp"], render["layout_seed"]).render_numpy(x, seed=seed)
-        self._base_recipe = recipe
-        self._fit_candidates = {}
         return {"path": str(req["path"]), "material": material_info(mat), "x": x, "render": render,
-                "seed": seed, "image": to_uint8(img), "notes": list(recipe.notes),
-                "reference": recipe.reference, "fit": (recipe.fit or {}).get("top")}
+                "seed": seed, "image": to_uint8(img), "notes": list(recipe.notes), "recipe": recipe.to_dict(mat)}
 
 
 def _error_payload(exc: BaseException) -> dict:

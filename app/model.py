@@ -15,6 +15,8 @@ from PySide6.QtCore import QObject, Signal
 
 from fitting.images import ReferenceImage
 
+from .qtfix import emit
+
 GROUPS = ("surface", "geometry", "lighting", "imaging")   # fitting.params.GROUPS, in panel order
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image pixels
@@ -82,6 +84,7 @@ class Candidate:
     reference_tile: np.ndarray | None = None
     losses: list[float] = field(default_factory=list)
     material: MaterialInfo | None = None   # after the fit
+    x_initial: np.ndarray | None = None
     x_final: np.ndarray | None = None
 
 
@@ -126,14 +129,15 @@ class AppModel(QObject):
         self.render_settings: dict = {}            # size, spp, layout_seed of the document
         self.render_seed: int = 0
         self.document_source: str = ""             # "fit" or a recipe path
+        self.base_recipe: dict | None = None       # the fit's or the opened recipe (JSON dict)
         self.fit_summary: dict | None = None
 
     # ------------------------------------------------------------------ reference + ROI
     def set_reference(self, ref: ReferenceImage) -> None:
         self.reference = ref
         self.roi = tuple(int(v) for v in ref.crop_box)
-        self.referenceChanged.emit()
-        self.roiChanged.emit()
+        emit(self.referenceChanged)
+        emit(self.roiChanged)
 
     def set_roi(self, box: Box) -> None:
         """Clamp to the image and keep at least 16 px a side (what load_reference accepts)."""
@@ -147,7 +151,7 @@ class AppModel(QObject):
             return
         if (x0, y0, x1, y1) != self.roi:
             self.roi = (x0, y0, x1, y1)
-            self.roiChanged.emit()
+            emit(self.roiChanged)
 
     def reset_roi(self) -> None:
         if self.reference is not None:
@@ -171,11 +175,11 @@ class AppModel(QObject):
         self.selected = None
         self.preview = None
         self.reference_tile = None
-        self.candidatesChanged.emit()
-        self.previewChanged.emit()
-        self.referenceTileChanged.emit()
-        self.fitStateChanged.emit("running")
-        self.progressChanged.emit()
+        emit(self.candidatesChanged)
+        emit(self.previewChanged)
+        emit(self.referenceTileChanged)
+        emit(self.fitStateChanged, "running")
+        emit(self.progressChanged)
 
     def end_fit(self, state: str, message: str = "") -> None:
         self.progress.state = state
@@ -185,8 +189,8 @@ class AppModel(QObject):
         if state == "finished":
             self.progress.progress = 1.0
         self.progress.eta_s = None
-        self.fitStateChanged.emit(state)
-        self.progressChanged.emit()
+        emit(self.fitStateChanged, state)
+        emit(self.progressChanged)
 
     def eta_s(self) -> float | None:
         """The engine's ETA when it gives one, else what is left of the time budget."""
@@ -217,7 +221,7 @@ class AppModel(QObject):
                                          thumbnail=thumbs.get(r["material"]),
                                          reference_tile=tiles.get(r["material"]))
                                for r in data.get("ranking", []) if r["material"] in thumbs]
-            self.candidatesChanged.emit()
+            emit(self.candidatesChanged)
         elif ev.kind == "stage" and "candidate" in data:
             self._set_refining(int(data["candidate"]))
         elif ev.kind == "iteration":
@@ -225,14 +229,14 @@ class AppModel(QObject):
             self._set_refining(i)
             if i < len(self.candidates):
                 self.candidates[i].losses.append(float(data["loss"]))
-                self.lossAppended.emit(i, float(data["loss"]))
+                emit(self.lossAppended, i, float(data["loss"]))
         elif ev.kind == "preview" and "image" in data:
             self._set_refining(int(data.get("candidate", 0)))
             self.preview = data["image"]
-            self.previewChanged.emit()
+            emit(self.previewChanged)
         elif ev.kind == "log":
-            self.logMessage.emit(ev.message)
-        self.progressChanged.emit()
+            emit(self.logMessage, ev.message)
+        emit(self.progressChanged)
 
     def _set_refining(self, i: int) -> None:
         if i == self.progress.refining:
@@ -240,8 +244,8 @@ class AppModel(QObject):
         self.progress.refining = i
         if i < len(self.candidates) and self.candidates[i].reference_tile is not None:
             self.reference_tile = self.candidates[i].reference_tile
-            self.referenceTileChanged.emit()
-        self.candidatesChanged.emit()
+            emit(self.referenceTileChanged)
+        emit(self.candidatesChanged)
 
     def apply_fit_result(self, result: dict) -> None:
         """The engine's fit result: candidates become selectable, the best one is shown."""
@@ -252,7 +256,10 @@ class AppModel(QObject):
             c = by_id.get(mat.id) or Candidate(material_id=mat.id, title=mat.title)
             c.title = mat.title
             c.material = mat
+            c.x_initial = np.asarray(r["x_initial"], np.float32)
             c.x_final = np.asarray(r["x_final"], np.float32)
+            # Both distances on the fit's fixed evaluation seeds: comparable, unlike the ranking's.
+            c.distance = r["distance_initial"]
             c.distance_final = r["distance_final"]
             c.scale = r["scale"]
             c.losses = list(r["history"])
@@ -264,6 +271,7 @@ class AppModel(QObject):
         self.render_settings = dict(result["render"])
         self.render_seed = int(result["seed"])
         self.document_source = "fit"
+        self.base_recipe = result["recipe"]
         best = (self.fit_summary or {}).get("best")
         self.end_fit("finished", f"best: {best}" if best else "")
         self.select_candidate(int(result["best"]), preview=result.get("preview"))
@@ -278,10 +286,10 @@ class AppModel(QObject):
         self.x_fitted = c.x_final.copy()
         self.reference_tile = c.reference_tile
         self.preview = preview
-        self.candidatesChanged.emit()
-        self.referenceTileChanged.emit()
-        self.documentChanged.emit()
-        self.previewChanged.emit()
+        emit(self.candidatesChanged)
+        emit(self.referenceTileChanged)
+        emit(self.documentChanged)
+        emit(self.previewChanged)
 
     # ------------------------------------------------------------------ document
     def open_recipe_result(self, result: dict) -> None:
@@ -294,12 +302,13 @@ class AppModel(QObject):
         self.render_settings = dict(result["render"])
         self.render_seed = int(result["seed"])
         self.document_source = result["path"]
+        self.base_recipe = result["recipe"]
         self.preview = result["image"]
         self.reference_tile = None
-        self.candidatesChanged.emit()
-        self.referenceTileChanged.emit()
-        self.documentChanged.emit()
-        self.previewChanged.emit()
+        emit(self.candidatesChanged)
+        emit(self.referenceTileChanged)
+        emit(self.documentChanged)
+        emit(self.previewChanged)
 
     @property
     def has_document(self) -> bool:
@@ -312,21 +321,27 @@ class AppModel(QObject):
         if abs(float(self.x[index]) - u) < 1e-7:
             return
         self.x[index] = u
-        self.parameterEdited.emit(index)
+        emit(self.parameterEdited, index)
 
     def reset_parameters(self) -> None:
         if self.x_fitted is None:
             return
         self.x = self.x_fitted.copy()
-        self.documentChanged.emit()
+        emit(self.documentChanged)
 
     @property
     def edited(self) -> bool:
         return self.x is not None and self.x_fitted is not None and not np.allclose(self.x, self.x_fitted)
 
+    def recipe_request(self) -> dict:
+        """What the engine needs to write the shown document as a recipe (save, export, autosave)."""
+        c = self.candidates[self.selected] if self.selected is not None else None
+        candidate = None if c is None else {"x_initial": c.x_initial, "x_final": c.x_final, "scale": c.scale}
+        return {"material": self.material.id, "x": self.x.copy(), "base": self.base_recipe, "candidate": candidate}
+
     def set_preview(self, image: np.ndarray) -> None:
         self.preview = image
-        self.previewChanged.emit()
+        emit(self.previewChanged)
 
     def physical_values(self) -> dict[str, float]:
         if not self.has_document:

@@ -256,18 +256,21 @@ def _read_hed_state(path: Path, cfg: tuple, with_side_outputs: bool = False) -> 
     state: dict[str, torch.Tensor] = {}
     try:
         with h5py.File(path, "r") as f:
-            found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            groups: dict[str, str] = {}  # layer name -> h5 group path
 
             def visit(name, obj):
-                if isinstance(obj, h5py.Group) and name.endswith("/vars") and "name" in obj.attrs:
-                    lname = obj.attrs["name"]
-                    lname = lname.decode() if isinstance(lname, bytes) else str(lname)
-                    if "0" in obj and "1" in obj:
-                        found[lname] = (np.asarray(obj["0"]), np.asarray(obj["1"]))
-                    if with_side_outputs and (name.startswith("dsn") or name.startswith("fuse")):
-                        found[name.split("/")[0]] = (np.asarray(obj["0"]), np.asarray(obj["1"]))
+                if isinstance(obj, h5py.Group) and name.endswith("vars") and "0" in obj and "1" in obj:
+                    top = name.split("/")[0]
+                    if with_side_outputs and (top.startswith("dsn") or top == "fuse"):
+                        groups[top] = name
+                    elif "name" in obj.attrs:
+                        lname = obj.attrs["name"]
+                        groups[lname.decode() if isinstance(lname, bytes) else str(lname)] = name
 
             f.visititems(visit)
+            needed = list(want) + (["dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"] if with_side_outputs else [])
+            found = {n: (np.asarray(f[groups[n]]["0"]), np.asarray(f[groups[n]]["1"]))
+                     for n in needed if n in groups}
     except OSError as e:
         raise BackboneError(f"cannot read HED weights {path}: {e}", hint=HED_HINT) from e
     for lname, idx in want.items():
@@ -282,6 +285,8 @@ def _read_hed_state(path: Path, cfg: tuple, with_side_outputs: bool = False) -> 
         state[f"{idx}.bias"] = torch.from_numpy(b.copy())
     if with_side_outputs:
         for key in ("dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse"):
+            if key not in found:
+                raise BackboneError(f"{path} has no HED side output {key}", hint=HED_HINT)
             k, b = found[key]
             state[f"{key}.weight"] = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
             state[f"{key}.bias"] = torch.from_numpy(b.copy())
@@ -360,9 +365,9 @@ def _load(backbone: str, weights_path, device: torch.device, dtype: torch.dtype)
             taps = {i: n for i, n in enumerate(names) if n in spec.taps}
             base = _Loaded(spec, _prepare(trunk, torch.device("cpu"), torch.float32), taps,
                            _HED_SCALES if backbone == "vgg16-hed" else None, path)
-            _CACHE[base_key] = base
-            if base.scales is None:
+            if base.scales is None:  # no shipped constants: measure on the fixed synthetic set
                 base.scales = measure_part_scales(_UnscaledRunner(base), synthetic_textures(8, 256, 0))
+            _CACHE[base_key] = base
         if key == base_key:
             return base
         loaded = _Loaded(base.spec, _prepare(copy.deepcopy(base.trunk), device, dtype),

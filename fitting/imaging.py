@@ -275,7 +275,8 @@ class OpticalModel(ImagingModel):
         soft = dr.maximum(P["cone_softness"], 1e-3)
         accept = dr.rcp(1.0 + dr.exp(-(P["cone_angle"] - g["dev"]) / soft))
         transparent = P["background"] * g["trans"] * accept * dr.exp(-P["absorption"] * g["inner"] * 2.0 * t["absorption"])
-        opaque = P["background"] * P["opaque_level"] * 2.0 * t["albedo"]
+        # Opaque particles scatter light of their own (bright or dark blobs): an absolute level.
+        opaque = P["opaque_level"] * 2.0 * t["albedo"]
         # Smooth, differentiable choice: particles whose random attribute is below the share are transparent.
         w = dr.rcp(1.0 + dr.exp(-(P["transparent_share"] - g["attr"]) / 0.03))
         particle = w * transparent + (1.0 - w) * opaque + P["reflect_strength"] * g["refl"]

@@ -131,6 +131,11 @@ def _infer_targets(mat_id: str, source: str, specs: list[ParamSpec], geometry_ki
         if len(users) > 1:
             raise LibraryError(f"{source}: parameter '{s.name}' is ambiguous: used by {', '.join(users)}")
         s.target = users[0]
+        if s.target == "geometry":
+            g = geo.params[s.name]
+            if s.min < g.min or s.max > g.max:
+                raise LibraryError(f"{source}: parameter '{s.name}' range [{s.min:g}, {s.max:g}] exceeds what "
+                                   f"geometry '{geometry_kind}' accepts: [{g.min:g}, {g.max:g}]")
         if s.target in ("geometry", "trace") and s.refine:
             raise LibraryError(f"{source}: parameter '{s.name}' changes rays ({s.target}) and cannot be "
                                "refined by gradients: set \"refine\": false")

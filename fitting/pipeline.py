@@ -188,6 +188,35 @@ def size_variants(material, x0: np.ndarray, search: bool) -> list[np.ndarray]:
     return out
 
 
+def match_tone(scene, x: np.ndarray, quantiles: torch.Tensor, seed: int) -> np.ndarray:
+    """Set contrast/offset so the render's gray-level distribution matches the reference's.
+
+    The tone curve is the last step before clipping: out = (v - 0.5) * contrast + 0.5 + offset.
+    Render once with contrast 1 / offset 0, then least-squares fit the sorted render values
+    to the reference quantiles. Lets ranking compare structure rather than default brightness.
+    """
+    mat = scene.material
+    names = mat.names
+    if "contrast" not in names or "offset" not in names:
+        return x
+    ic, io = names.index("contrast"), names.index("offset")
+    sc, so = mat.specs[ic], mat.specs[io]
+    x1 = x.copy()
+    x1[ic] = sc.to_normalized(min(max(1.0, sc.min), sc.max))
+    x1[io] = so.to_normalized(min(max(0.0, so.min), so.max))
+    with torch.no_grad():
+        img = scene.render(torch.as_tensor(x1), seed=seed)
+    v = sorted_pixels(img, n=quantiles.numel()).numpy().astype(np.float64) - 0.5
+    q = np.interp(np.linspace(0, 1, v.size), np.linspace(0, 1, quantiles.numel()), quantiles.numpy()) - 0.5
+    if v.std() < 1e-4:
+        return x1
+    a, b = np.polyfit(v, q, 1)
+    c0 = sc.to_physical(float(x1[ic]))
+    x1[ic] = float(np.clip(sc.to_normalized(min(max(a * c0, sc.min), sc.max)), 0, 1))
+    x1[io] = float(np.clip(so.to_normalized(min(max(b, so.min), so.max)), 0, 1))
+    return x1
+
+
 def fit_reference(reference, options: FitOptions | None = None, on_event: EventSink | None = None,
                   cancel: CancelToken | None = None, library: dict | None = None):
     """Fit the library to a reference image (path or ReferenceImage). Returns a FitResult.
@@ -267,10 +296,12 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
             for x in size_variants(mat, proposals[s], search):
                 key = np.round(x, 5).tobytes()
                 if key not in rendered:
+                    # Tone depends on the gray-level distribution, nearly the same at every scale.
+                    x = match_tone(scene, x, target.by_scale[target.scales[0]]["quantiles"], seed=opts.seed + 17)
                     img = scene.render(torch.as_tensor(x), seed=opts.seed + 17).detach()
                     with torch.no_grad():
-                        rendered[key] = (img, desc.describe(img[None, None]))
-                img, dvec = rendered[key]
+                        rendered[key] = (img, desc.describe(img[None, None]), x)
+                img, dvec, x = rendered[key]
                 d = float(descriptor_distance(dvec, target.by_scale[s]["descriptor"]).mean())
                 if best is None or d < best["distance"]:
                     best = {"material": mid, "title": mat.title, "imaging": mat.imaging, "distance": d,

@@ -1,0 +1,1 @@
+"""Widgets of the matfit window: thin views over :class:`app.model.AppModel`."""

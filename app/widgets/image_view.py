@@ -1,0 +1,243 @@
+"""Image views: zoom with the wheel, pan by dragging, double-click to fit; views can be linked.
+
+Scene coordinates are always the image's own pixels, also when a huge reference is shown
+downsampled, so regions of interest and linked views never convert units.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen, QTransform
+from PySide6.QtWidgets import (QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene,
+                               QGraphicsSimpleTextItem, QGraphicsView)
+
+from ..qtfix import emit
+from .qimage import to_pixmap
+
+MAX_DISPLAY_SIDE = 4096   # larger references are shown downsampled (the fit uses every pixel)
+ZOOM_STEP = 1.25
+
+
+class ImageView(QGraphicsView):
+    """One image, fitted to the view until the user zooms; a placeholder text when empty."""
+
+    viewChanged = Signal()   # zoom or pan changed (linked views follow)
+
+    def __init__(self, placeholder: str = "", parent=None) -> None:
+        super().__init__(parent)
+        self.placeholder = placeholder
+        self.setScene(QGraphicsScene(self))
+        self._pixmap_item = QGraphicsPixmapItem()
+        self._pixmap_item.setTransformationMode(Qt.TransformationMode.SmoothTransformation)
+        self.scene().addItem(self._pixmap_item)
+        self._has_image = False
+        self._image_size: tuple[int, int] = (0, 0)
+        self._auto_fit = True
+        self._syncing = False
+        self.setDragMode(QGraphicsView.DragMode.ScrollHandDrag)
+        self.setTransformationAnchor(QGraphicsView.ViewportAnchor.AnchorUnderMouse)
+        self.setResizeAnchor(QGraphicsView.ViewportAnchor.AnchorViewCenter)
+        self.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
+        self.setBackgroundBrush(QColor(24, 24, 26))
+        self.setFrameShape(QGraphicsView.Shape.NoFrame)
+        self.setMinimumSize(160, 160)
+        # Drops are the window's: a file dropped on a view must reach it.
+        self.setAcceptDrops(False)
+        self.viewport().setAcceptDrops(False)
+
+    # ------------------------------------------------------------------ content
+    @property
+    def has_image(self) -> bool:
+        return self._has_image
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self._image_size
+
+    def set_image(self, img: np.ndarray | None) -> None:
+        """Show a gray (H, W) or RGB (H, W, 3) image; None clears the view."""
+        if img is None:
+            self._pixmap_item.setPixmap(to_pixmap(np.zeros((1, 1), np.uint8)))
+            self._pixmap_item.setVisible(False)
+            self._has_image = False
+            self.viewport().update()
+            return
+        h, w = img.shape[:2]
+        step = int(np.ceil(max(h, w) / MAX_DISPLAY_SIDE))
+        shown = img[::step, ::step] if step > 1 else img
+        same_size = self._has_image and self._image_size == (w, h)
+        self._pixmap_item.setPixmap(to_pixmap(shown))
+        self._pixmap_item.setScale(step)
+        self._pixmap_item.setVisible(True)
+        self._has_image = True
+        self._image_size = (w, h)
+        self.scene().setSceneRect(QRectF(0, 0, w, h))
+        # Pixels stay crisp when zoomed in, smooth when zoomed out.
+        self._update_pixel_mode()
+        if self._auto_fit or not same_size:
+            self.fit_to_view()
+
+    # ------------------------------------------------------------------ zoom / pan
+    def fit_to_view(self) -> None:
+        if not self._has_image:
+            return
+        self.fitInView(self.sceneRect(), Qt.AspectRatioMode.KeepAspectRatio)
+        self._auto_fit = True
+        self._update_pixel_mode()
+        self._changed()
+
+    def zoom_by(self, factor: float) -> None:
+        self.scale(factor, factor)
+        self._auto_fit = False
+        self._update_pixel_mode()
+        self._changed()
+
+    def zoom_factor(self) -> float:
+        return self.transform().m11()
+
+    def wheelEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if not self._has_image:
+            return
+        steps = event.angleDelta().y() / 120.0
+        if steps:
+            self.zoom_by(ZOOM_STEP ** steps)
+
+    def mouseDoubleClickEvent(self, event) -> None:  # noqa: N802
+        self.fit_to_view()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        if self._auto_fit:
+            self.fit_to_view()
+
+    def scrollContentsBy(self, dx: int, dy: int) -> None:  # noqa: N802
+        super().scrollContentsBy(dx, dy)
+        self._changed()
+
+    def _update_pixel_mode(self) -> None:
+        mode = (Qt.TransformationMode.FastTransformation if self.zoom_factor() * self._pixmap_item.scale() > 1.5
+                else Qt.TransformationMode.SmoothTransformation)
+        self._pixmap_item.setTransformationMode(mode)
+
+    def _changed(self) -> None:
+        if not self._syncing:
+            emit(self.viewChanged)
+
+    def follow(self, other: "ImageView") -> None:
+        """Take ``other``'s zoom and the scene point at its centre (a linked view)."""
+        self._syncing = True
+        try:
+            self.setTransform(QTransform(other.transform()))
+            self.centerOn(other.mapToScene(other.viewport().rect().center()))
+            self._auto_fit = other._auto_fit
+            self._update_pixel_mode()
+        finally:
+            self._syncing = False
+
+    def drawForeground(self, painter: QPainter, rect: QRectF) -> None:  # noqa: N802
+        if self._has_image or not self.placeholder:
+            return
+        painter.save()
+        painter.resetTransform()
+        painter.setPen(QColor(150, 150, 155))
+        painter.drawText(self.viewport().rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap,
+                         self.placeholder)
+        painter.restore()
+
+
+def link_views(*views: ImageView) -> None:
+    """Zooming or panning any of ``views`` zooms and pans the others the same way."""
+    for v in views:
+        others = [o for o in views if o is not v]
+        v.viewChanged.connect(lambda v=v, others=others: [o.follow(v) for o in others if o.has_image])
+
+
+class ReferenceView(ImageView):
+    """The full reference with the data bar shaded, the detected region dashed and the region
+    of interest drawn; Shift+drag draws a new region of interest."""
+
+    roiDrawn = Signal(tuple)   # x0, y0, x1, y1 in image pixels
+
+    def __init__(self, placeholder: str = "", parent=None) -> None:
+        super().__init__(placeholder, parent)
+        self._bar_item = QGraphicsRectItem()
+        self._bar_item.setBrush(QBrush(QColor(220, 60, 60, 70)))
+        self._bar_item.setPen(QPen(QColor(230, 80, 80), 0))
+        self._bar_label = QGraphicsSimpleTextItem("data bar (not fitted)")
+        self._bar_label.setBrush(QColor(235, 50, 50))   # readable on white and on black bars
+        font = self._bar_label.font()
+        font.setBold(True)
+        self._bar_label.setFont(font)
+        self._bar_label.setFlag(QGraphicsSimpleTextItem.GraphicsItemFlag.ItemIgnoresTransformations)
+        self._detected_item = QGraphicsRectItem()
+        pen = QPen(QColor(90, 200, 120), 0, Qt.PenStyle.DashLine)
+        pen.setCosmetic(True)
+        self._detected_item.setPen(pen)
+        self._roi_item = QGraphicsRectItem()
+        pen = QPen(QColor(255, 200, 40), 2)
+        pen.setCosmetic(True)
+        self._roi_item.setPen(pen)
+        self._rubber_item = QGraphicsRectItem()
+        pen = QPen(QColor(255, 230, 120), 1, Qt.PenStyle.DashLine)
+        pen.setCosmetic(True)
+        self._rubber_item.setPen(pen)
+        for item in (self._bar_item, self._bar_label, self._detected_item, self._roi_item, self._rubber_item):
+            item.setVisible(False)
+            item.setZValue(10)
+            self.scene().addItem(item)
+        self._drag_origin: QPointF | None = None
+        self.setToolTip("Wheel: zoom · drag: pan · double-click: fit · Shift+drag: draw the region to fit")
+
+    def set_regions(self, detected: tuple[int, int, int, int] | None, bar_detected: bool,
+                    roi: tuple[int, int, int, int] | None) -> None:
+        if not self.has_image:
+            return
+        w, h = self.image_size
+        if detected is not None:
+            x0, y0, x1, y1 = detected
+            self._detected_item.setRect(QRectF(x0, y0, x1 - x0, y1 - y0))
+            self._detected_item.setVisible(roi is not None and tuple(roi) != tuple(detected))
+            self._bar_item.setVisible(bar_detected)
+            self._bar_label.setVisible(bar_detected)
+            if bar_detected:
+                self._bar_item.setRect(QRectF(0, y1, w, h - y1))
+                self._bar_label.setPos(8, y1 + 4)
+        if roi is not None:
+            x0, y0, x1, y1 = roi
+            self._roi_item.setRect(QRectF(x0, y0, x1 - x0, y1 - y0))
+            self._roi_item.setVisible(True)
+
+    def roi_rect(self) -> QRectF:
+        return self._roi_item.rect()
+
+    def bar_rect(self) -> QRectF | None:
+        return self._bar_item.rect() if self._bar_item.isVisible() else None
+
+    # Shift+drag: rubber-band region of interest ---------------------------------------
+    def mousePressEvent(self, event) -> None:  # noqa: N802
+        if self.has_image and event.button() == Qt.MouseButton.LeftButton and \
+                event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+            self._drag_origin = self.mapToScene(event.position().toPoint())
+            self._rubber_item.setRect(QRectF(self._drag_origin, self._drag_origin))
+            self._rubber_item.setVisible(True)
+            event.accept()
+            return
+        super().mousePressEvent(event)
+
+    def mouseMoveEvent(self, event) -> None:  # noqa: N802
+        if self._drag_origin is not None:
+            p = self.mapToScene(event.position().toPoint())
+            self._rubber_item.setRect(QRectF(self._drag_origin, p).normalized())
+            event.accept()
+            return
+        super().mouseMoveEvent(event)
+
+    def mouseReleaseEvent(self, event) -> None:  # noqa: N802
+        if self._drag_origin is not None:
+            r = self._rubber_item.rect()
+            self._rubber_item.setVisible(False)
+            self._drag_origin = None
+            emit(self.roiDrawn, (int(r.left()), int(r.top()), int(r.right()), int(r.bottom())))
+            event.accept()
+            return
+        super().mouseReleaseEvent(event)

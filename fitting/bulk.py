@@ -1,0 +1,834 @@
+"""Bulk rendering of labelled training sets (images, instance masks, COCO) from a recipe.
+
+One recipe fixes the material, its parameter values and the imaging model; every image of a set
+is a new draw of the geometry from the recipe's distributions (size, coverage, agglomeration):
+image ``i`` of a set with seed ``S`` uses ``layout_seed = S * 100000 + i`` and its own render
+seed (:func:`seeds_for`), so any image can be re-rendered alone and the set does not depend on
+how it was split between processes or machines.
+
+Output folder (see :data:`LAYOUT`)::
+
+    OUT/
+      images/000000.png      8-bit gray render
+      masks/000000.png       16-bit instance ids 0..K (0 = substrate), no antialiasing
+      meta/000000.json       per-image sidecar: seeds, COCO annotations (RLE), particle features
+      annotations.json       COCO instances file of every finished image (rebuilt from meta/)
+      particles.csv          one row per instance of every finished image (rebuilt from meta/)
+      dataset.json           recipe and settings of the set; a resumed run must match them
+
+An image is finished when its PNG, its mask and its sidecar exist; a re-run skips finished
+images. Every file is written atomically (temporary file + ``os.replace``), the sidecar last, so
+an interruption at any moment leaves either a finished image or files that are re-rendered.
+``annotations.json``/``particles.csv`` are rebuilt from the sidecars at the end of every run,
+including interrupted and failed ones, so they always describe exactly the images present.
+
+COCO specifics: image ``id`` = index + 1, ``file_name`` relative to ``images/`` (pass that folder
+as the image root, e.g. to torchvision's ``CocoDetection``), one category ``particle``,
+``iscrowd`` 0, segmentations as *uncompressed* RLE (``counts`` a list of ints), which pycocotools,
+detectron2 and torchvision's detection references all read (the references cannot read
+compressed string RLE; ``rle="compressed"`` writes that instead).
+
+Instances: per agglomerate by default (``instances="cluster"``): one mask per carbon-black
+aggregate or sintered cluster, which is what an instance-segmentation model for such materials
+is trained to find (primaries fused by necks are not separable objects in a micrograph, and
+annotators label aggregates). ``"primary"`` gives one instance per primary particle. For
+materials of single particles both are the same. Instances that are not visible in the image are
+dropped; the ids that remain are relabelled 1..K in the order of the layout's ids.
+
+Parallelism: a local process pool (default one process per core, each with one render thread;
+``workers=1`` renders in the calling process), or a Dask distributed cluster (``scheduler=``
+address): tasks are chunks of image indices, the worker function imports ``fitting`` and
+renders, and **workers write the files themselves into the output folder, which must therefore
+be one shared folder (e.g. NFS) mounted at the same path on every worker and on the submitting
+machine**. This is checked before rendering. Workers need the same matfit installation and
+material library. A Dask worker process renders one image at a time; with ``nthreads > 1`` its
+Mitsuba uses that many threads (``MATFIT_THREADS`` overrides); prefer ``--nthreads 1`` and one
+worker process per core.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MatfitError
+from .events import CancelToken, EventSink, FitEvent, null_sink
+
+FORMAT = "matfit-bulk/1"
+LAYOUT = {"images": "images", "masks": "masks", "meta": "meta"}
+COCO_FILE = "annotations.json"
+CSV_FILE = "particles.csv"
+MANIFEST_FILE = "dataset.json"
+SEED_STRIDE = 100_000           # layout_seed = seed * SEED_STRIDE + index
+CATEGORY = {"id": 1, "name": "particle", "supercategory": "particle"}
+INSTANCE_MODES = ("cluster", "primary")
+CSV_COLUMNS = ["image", "image_id", "instance_id", "area_px", "eq_diameter_mask_px", "eq_diameter_3d_px",
+               "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "touches_border",
+               "n_primaries"]
+
+
+def _file_mode() -> int:
+    """Mode for new files under the process umask (read without changing it, where possible)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+_MODE = _file_mode()
+
+
+def _write_text(path, text: str) -> None:
+    """recipe.atomic_write_text, then the umask's mode: its mkstemp file is 0600, which the
+    other users of a shared data set (and of a cluster's shared folder) could not read."""
+    from .recipe import atomic_write_text
+    atomic_write_text(path, text)
+    _chmod(path)
+
+
+def _save_png(path, arr: np.ndarray) -> None:
+    from .recipe import atomic_save_png
+    atomic_save_png(path, arr)
+    _chmod(path)
+
+
+def _chmod(path) -> None:
+    try:
+        os.chmod(path, _MODE)
+    except OSError:
+        pass
+
+
+def seeds_for(seed: int, index: int) -> tuple[int, int]:
+    """(layout_seed, render_seed) of image ``index`` of a set with seed ``seed``."""
+    layout_seed = int(seed) * SEED_STRIDE + int(index)
+    render_seed = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), 0xB0C5]).generate_state(1)[0])
+    return layout_seed, render_seed & 0x7FFFFFFF
+
+
+def stem(index: int) -> str:
+    return f"{int(index):06d}"
+
+
+def paths_for(out_dir: str | os.PathLike, index: int) -> dict[str, Path]:
+    out = Path(out_dir)
+    s = stem(index)
+    return {"image": out / LAYOUT["images"] / f"{s}.png", "mask": out / LAYOUT["masks"] / f"{s}.png",
+            "meta": out / LAYOUT["meta"] / f"{s}.json"}
+
+
+def is_finished(out_dir, index: int) -> bool:
+    return all(p.is_file() for p in paths_for(out_dir, index).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# job description (picklable; sent to pool and Dask workers)
+# ----------------------------------------------------------------------------------------------
+def make_job(recipe, size: int | None = None, spp: int | None = None, seed: int = 0,
+             instances: str = "cluster", device: str = "auto") -> dict:
+    """Everything a worker needs to render images of a set, as plain JSON-able data."""
+    if instances not in INSTANCE_MODES:
+        raise MatfitError(f"unknown instance mode {instances!r}", hint="use 'cluster' or 'primary'")
+    mat = recipe.material()
+    size = int(size or recipe.render.get("size", 256))
+    spp = int(spp or recipe.render.get("spp", 4))
+    if not 16 <= size <= 4096:
+        raise MatfitError(f"image size {size} outside 16..4096")
+    if spp < 1:
+        raise MatfitError(f"spp must be >= 1, got {spp}")
+    return {"material_id": mat.id, "content_hash": recipe.content_hash,
+            "values": {s.name: float(recipe.values[s.name]) for s in mat.specs},
+            "size": size, "spp": spp, "seed": int(seed), "instances": instances, "device": device}
+
+
+def job_key(job: dict) -> str:
+    keep = {k: job[k] for k in ("material_id", "content_hash", "values", "size", "spp", "seed", "instances")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# per-process worker state and the per-image function
+# ----------------------------------------------------------------------------------------------
+_STATE: dict[str, Any] = {}
+_RENDER_LOCK = threading.Lock()    # one render at a time per process (Dask threads share it)
+
+
+def _worker_scene(job: dict):
+    key = job_key(job)
+    if _STATE.get("key") != key:
+        import torch
+        from .library import get_material
+        from .runtime import init_mitsuba
+        from .scene import MaterialScene, RenderSettings
+        init_mitsuba(job.get("device", "auto"))
+        mat = get_material(job["material_id"])
+        x = torch.tensor([s.to_normalized(job["values"][s.name]) for s in mat.specs], dtype=torch.float32)
+        scene = MaterialScene(mat, RenderSettings(size=job["size"], spp=job["spp"], layout_seed=0))
+        _STATE.clear()
+        _STATE.update(key=key, scene=scene, parts=scene.split(x), material=mat)
+    return _STATE["scene"], _STATE["parts"]
+
+
+def render_index(job: dict, index: int, out_dir: str | os.PathLike) -> dict:
+    """Render image ``index`` of the set and write its image, mask and sidecar (atomically).
+
+    Returns a small summary (index, instances, per-stage seconds). Safe to call in any process
+    that can import fitting; the result only depends on (job, index).
+    """
+    with _RENDER_LOCK:
+        return _render_index(job, int(index), Path(out_dir))
+
+
+def _render_index(job: dict, index: int, out: Path) -> dict:
+    import torch
+    from .render import SceneRenderer
+    t = {}
+    t0 = time.perf_counter()
+    scene, parts = _worker_scene(job)
+    layout_seed, render_seed = seeds_for(job["seed"], index)
+    size = job["size"]
+    with torch.no_grad():
+        ta = time.perf_counter()
+        layout = scene.layout_for(parts["geometry"], layout_seed)
+        tb = time.perf_counter()
+        r = SceneRenderer(layout, scene.model, size, job["spp"])
+        tc = time.perf_counter()
+        maps = scene.maps(parts["graph"], render_seed)
+        td = time.perf_counter()
+        img = r.render(maps, parts["shade"], render_seed, trace_params=parts["trace"])
+        te = time.perf_counter()
+        img = scene.model.post(img, parts["post"], render_seed, noise=True).numpy()
+        tf = time.perf_counter()
+        pid = r.instance_mask()
+        tg = time.perf_counter()
+    labels, groups = relabel(pid, layout, job["instances"])
+    records = instance_records(labels, groups, layout)
+    th = time.perf_counter()
+    if labels.max(initial=0) > 65535:
+        raise MatfitError(f"image {index} has {int(labels.max())} instances, more than a 16-bit mask holds",
+                          hint="render smaller images or use --instances cluster")
+    p = paths_for(out, index)
+    _save_png(p["image"], img)
+    _save_png(p["mask"], labels.astype(np.uint16))
+    side = {"format": FORMAT, "index": index, "file_name": p["image"].name,
+            "image": f"{LAYOUT['images']}/{p['image'].name}", "mask": f"{LAYOUT['masks']}/{p['mask'].name}",
+            "width": size, "height": size, "layout_seed": layout_seed, "render_seed": render_seed,
+            "instances_mode": job["instances"], "job": job_key(job), "n_particles": int(len(layout.radii)),
+            "instances": records}
+    _write_text(p["meta"], json.dumps(side, separators=(",", ":")) + "\n")
+    ti = time.perf_counter()
+    t.update(setup=ta - t0, layout=tb - ta, scene=tc - tb, graph=td - tc, render=te - td, post=tf - te,
+             mask=tg - tf, labels=th - tg, write=ti - th, total=ti - t0)
+    return {"index": index, "instances": len(records), "seconds": t}
+
+
+def relabel(pid: np.ndarray, layout, mode: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Particle ids per pixel -> instance ids 1..K (0 = substrate) and each instance's particle ids.
+
+    ``mode="cluster"``: one instance per agglomerate (``layout.cluster``; single particles are
+    their own cluster); ``"primary"``: one per particle. Invisible instances get no id.
+    """
+    n = int(len(layout.radii))
+    pid = np.asarray(pid)
+    if pid.size and (pid.min() < 0 or pid.max() > n):
+        raise MatfitError(f"instance mask holds particle id {int(pid.max())} but the layout has {n} particles")
+    cluster = getattr(layout, "cluster", None)
+    if mode == "cluster" and cluster is not None and len(cluster) == n:
+        cl = np.asarray(cluster, np.int64).copy()
+        neg = cl < 0                                  # no cluster: a single particle
+        cl[neg] = cl.max(initial=0) + 1 + np.arange(int(neg.sum()))
+        uniq, first, inv = np.unique(cl, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")      # clusters in order of their first particle
+        rank = np.empty(len(uniq), np.int64)
+        rank[order] = np.arange(len(uniq))
+        dense = rank[inv.ravel()] + 1
+    else:
+        dense = np.arange(1, n + 1, dtype=np.int64)
+    key = np.concatenate([[0], dense])[pid]                  # group key per pixel, 0 = substrate
+    hist = np.bincount(key.ravel(), minlength=int(dense.max(initial=0)) + 1)
+    present = np.flatnonzero(hist[1:]) + 1                   # visible groups, ascending
+    lut = np.zeros(hist.size, np.int32)
+    lut[present] = np.arange(1, len(present) + 1)
+    labels = lut[key]
+    order = np.argsort(dense, kind="stable")                 # particle ids of each instance
+    lo = np.searchsorted(dense[order], present, "left")
+    hi = np.searchsorted(dense[order], present, "right")
+    groups = [order[a:b] + 1 for a, b in zip(lo, hi)]
+    return labels, groups
+
+
+def rle_counts_all(labels: np.ndarray, k: int) -> list[list[int]]:
+    """Uncompressed COCO RLE counts of the masks ``labels == 1 .. k`` in one pass.
+
+    COCO RLE: column-major (Fortran) order, alternating runs of 0 and 1 starting with 0 (the
+    first count may be 0), no trailing zero run of length 0. What ``pycocotools.mask.encode``
+    compresses (checked in the tests), computed from the runs of the whole label image at once
+    instead of one full-image mask per instance.
+    """
+    h, w = labels.shape
+    n = h * w
+    flat = np.ascontiguousarray(labels.T).ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [n]])
+    vals = flat[starts]
+    fg = vals > 0
+    starts, ends, vals = starts[fg], ends[fg], vals[fg]
+    order = np.argsort(vals, kind="stable")              # grouped by id, in raster order within
+    starts, ends, vals = starts[order], ends[order], vals[order]
+    bounds = np.searchsorted(vals, np.arange(1, k + 2))
+    out = []
+    for i in range(k):
+        s, e = starts[bounds[i]:bounds[i + 1]], ends[bounds[i]:bounds[i + 1]]
+        counts = np.empty(2 * len(s) + 1, np.int64)
+        counts[0] = s[0]
+        counts[2:-1:2] = s[1:] - e[:-1]
+        counts[1::2] = e - s
+        counts[-1] = n - e[-1]
+        c = counts.tolist()
+        if c[-1] == 0:
+            c.pop()
+        out.append(c)
+    return out
+
+
+def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> list[dict]:
+    """COCO annotation fields + particle features of each instance of a label image.
+
+    Segmentations are *uncompressed* RLE (``counts`` a list of ints): pycocotools' COCO(),
+    detectron2 and torchvision's detection references (``frPyObjects``) all read that, while
+    torchvision's references cannot read compressed RLE strings.
+    """
+    from scipy import ndimage
+    h, w = labels.shape
+    k = len(groups)
+    if k == 0:
+        return []
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=k + 1)
+    cx = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=k + 1)
+    cy = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=k + 1)
+    boxes = ndimage.find_objects(labels, max_label=k)
+    radii = np.asarray(layout.radii, np.float64)
+    rles = rle_counts_all(labels, k)
+    out = []
+    for i in range(1, k + 1):
+        sl = boxes[i - 1]
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        members = groups[i - 1]
+        r = radii[members - 1]
+        a = int(area[i])
+        out.append({
+            "instance_id": i,
+            "segmentation": {"size": [int(h), int(w)], "counts": rles[i - 1]},
+            "area": a,
+            "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
+            "iscrowd": 0,
+            "category_id": CATEGORY["id"],
+            # features (pixel-edge coordinates like the bbox: pixel (r, c) covers [c, c+1) x [r, r+1))
+            "eq_diameter_mask_px": round(2.0 * math.sqrt(a / math.pi), 4),
+            # volume-equivalent diameter of the whole particle/agglomerate (overlaps not removed)
+            "eq_diameter_3d_px": round(float(2.0 * np.cbrt((r ** 3).sum())), 4),
+            "centroid_x": round(float(cx[i] / a) + 0.5, 4),
+            "centroid_y": round(float(cy[i] / a) + 0.5, 4),
+            "touches_border": bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h),
+            "n_primaries": int(len(members)),
+            "particle_ids": [int(v) for v in members],
+        })
+    return out
+
+
+def _dask_chunk(job: dict, indices: list[int], out_dir: str, stop_file: str | None = None) -> list[dict]:
+    """Dask task: render a chunk of indices (skipping finished ones) into the shared folder."""
+    import sys
+    if "fitting.runtime" not in sys.modules or sys.modules["fitting.runtime"].runtime_info() is None:
+        threads = 1
+        try:
+            from distributed import get_worker
+            threads = int(get_worker().state.nthreads)
+        except Exception:
+            pass
+        os.environ.setdefault("MATFIT_THREADS", str(max(1, threads)))
+        try:
+            import torch
+            torch.set_num_threads(int(os.environ["MATFIT_THREADS"]))
+        except Exception:
+            pass
+    out = []
+    for i in indices:
+        if stop_file and os.path.exists(stop_file):
+            break
+        if is_finished(out_dir, i):
+            out.append({"index": int(i), "skipped": True})
+            continue
+        out.append(render_index(job, i, out_dir))
+    return out
+
+
+def _probe_write(out_dir: str, name: str) -> str:
+    import socket
+    _write_text(Path(out_dir) / name, socket.gethostname())
+    return socket.gethostname()
+
+
+def _pool_init(device: str) -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides how to stop
+    os.environ["MATFIT_THREADS"] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(1)
+    from .runtime import init_mitsuba
+    init_mitsuba(device, threads=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# set-level files
+# ----------------------------------------------------------------------------------------------
+def read_sidecars(out_dir) -> list[dict]:
+    """Sidecars of every finished image in the folder, by index."""
+    out = Path(out_dir)
+    meta = out / LAYOUT["meta"]
+    res = []
+    if not meta.is_dir():
+        return res
+    for p in sorted(meta.glob("*.json")):
+        if p.name.startswith(".") or not p.stem.isdigit():
+            continue
+        idx = int(p.stem)
+        if not is_finished(out, idx):
+            continue
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if d.get("format") == FORMAT and d.get("index") == idx:
+            res.append(d)
+    return res
+
+
+def build_coco(sidecars: list[dict], info: dict | None = None, rle: str = "uncompressed") -> dict:
+    """COCO instances dict: image id = index + 1, annotation ids 1.. in image/instance order.
+
+    rle: "uncompressed" (counts as int lists; every COCO reader incl. torchvision's references)
+    or "compressed" (pycocotools' string counts; smaller, not readable by torchvision's references).
+    """
+    if rle not in ("uncompressed", "compressed"):
+        raise MatfitError(f"unknown RLE format {rle!r}", hint="use 'uncompressed' or 'compressed'")
+    if rle == "compressed":
+        from pycocotools import mask as mask_utils
+    images, anns = [], []
+    aid = 0
+    for d in sidecars:
+        iid = int(d["index"]) + 1
+        images.append({"id": iid, "file_name": d["file_name"], "width": d["width"], "height": d["height"],
+                       "mask_file": d["mask"], "layout_seed": d["layout_seed"], "render_seed": d["render_seed"]})
+        for a in d["instances"]:
+            aid += 1
+            seg = a["segmentation"]
+            if rle == "compressed":
+                c = mask_utils.frPyObjects(seg, *seg["size"])
+                seg = {"size": seg["size"], "counts": c["counts"].decode("ascii")}
+            anns.append({"id": aid, "image_id": iid, "category_id": a["category_id"], "segmentation": seg,
+                         "area": a["area"], "bbox": a["bbox"], "iscrowd": a["iscrowd"],
+                         "instance_id": a["instance_id"]})
+    return {"info": dict(info or {}, description="matfit synthetic particle set",
+                         images_folder=LAYOUT["images"]),
+            "licenses": [], "images": images, "annotations": anns, "categories": [dict(CATEGORY)]}
+
+
+def particle_rows(sidecars: list[dict]) -> list[list]:
+    rows = []
+    for d in sidecars:
+        for a in d["instances"]:
+            rows.append([d["file_name"], int(d["index"]) + 1, a["instance_id"], a["area"], a["eq_diameter_mask_px"],
+                         a["eq_diameter_3d_px"], a["centroid_x"], a["centroid_y"], *a["bbox"],
+                         int(a["touches_border"]), a["n_primaries"]])
+    return rows
+
+
+def write_set_files(out_dir, info: dict | None = None, rle: str = "uncompressed") -> tuple[int, int]:
+    """Rebuild annotations.json and particles.csv from the sidecars (atomically).
+
+    Returns (images, annotations).
+    """
+    out = Path(out_dir)
+    side = read_sidecars(out)
+    if info is None:
+        try:
+            info = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8")).get("coco_info")
+        except (OSError, json.JSONDecodeError):
+            info = None
+    coco = build_coco(side, info, rle)
+    _write_text(out / COCO_FILE, json.dumps(coco, separators=(",", ":")) + "\n")
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(CSV_COLUMNS)
+    wr.writerows(particle_rows(side))
+    _write_text(out / CSV_FILE, buf.getvalue())
+    return len(coco["images"]), len(coco["annotations"])
+
+
+def remove_temporaries(out_dir, stop_files: bool = False) -> int:
+    """Delete temporary files left by killed writers (``.NAME.*.tmp`` of atomic_write_bytes),
+    and with ``stop_files`` the stop/probe markers of an interrupted Dask run."""
+    n = 0
+    out = Path(out_dir)
+    for d in [out] + [out / v for v in LAYOUT.values()]:
+        if not d.is_dir():
+            continue
+        pats = [".*.tmp"] + ([".stop-*", ".probe-*"] if stop_files and d == out else [])
+        for p in (q for pat in pats for q in d.glob(pat)):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _check_manifest(out: Path, job: dict, recipe_dict: dict) -> dict:
+    from .recipe import matfit_version
+    path = out / MANIFEST_FILE
+    key = job_key(job)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("job_key") not in (None, key):
+            oj = old.get("job", {})
+            diff = [k for k in ("material_id", "content_hash", "values", "size", "spp", "seed", "instances")
+                    if oj.get(k) != job.get(k)]
+            raise MatfitError(f"{out} holds a set rendered with other settings ({', '.join(diff) or 'recipe'} "
+                              "differ); resuming would mix two sets",
+                              hint="choose another --out folder, or the same recipe/--size/--spp/--seed/--instances")
+        if old.get("job_key") == key:
+            return old
+    man = {"format": FORMAT, "job_key": key, "job": job, "recipe": recipe_dict, "layout": dict(LAYOUT),
+           "seed_rule": f"layout_seed = seed * {SEED_STRIDE} + index; render_seed = seeds_for(seed, index)",
+           "coco_info": {"material": job["material_id"], "matfit_version": matfit_version(),
+                         "size": job["size"], "spp": job["spp"], "seed": job["seed"],
+                         "instances": job["instances"]},
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(man, indent=2) + "\n")
+    return man
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DatasetResult:
+    out_dir: str
+    count: int
+    rendered: int
+    skipped: int
+    images: int                # images in annotations.json (every finished image in the folder)
+    annotations: int
+    seconds: float
+    workers: int
+    backend: str               # "inline", "pool" or "dask"
+    stage_seconds: dict[str, float] = field(default_factory=dict)   # mean per rendered image
+    cancelled: bool = False
+    score: Any = None
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        if self.score is not None and hasattr(self.score, "to_dict"):
+            d["score"] = self.score.to_dict()
+        return d
+
+
+class _Progress:
+    def __init__(self, sink: EventSink, total: int, done0: int) -> None:
+        self.sink, self.total, self.done0 = sink, total, done0
+        self.done = done0
+        self.t0 = time.time()
+
+    def step(self, n: int = 1, msg: str = "") -> None:
+        self.done += n
+        new = self.done - self.done0
+        el = time.time() - self.t0
+        eta = el / new * (self.total - self.done) if new > 0 else None
+        self.sink(FitEvent("iteration", stage="bulk", progress=self.done / max(self.total, 1), eta_s=eta,
+                           message=f"{self.done}/{self.total} images {msg}".rstrip(),
+                           data={"done": self.done, "total": self.total}))
+
+
+def render_dataset(recipe, out_dir: str | os.PathLike, count: int, *, size: int | None = None,
+                   spp: int | None = None, seed: int = 0, workers: int | None = None,
+                   scheduler=None, instances: str = "cluster", device: str = "auto",
+                   chunk_size: int | None = None, reference: str | os.PathLike | None = None,
+                   rle: str = "uncompressed", score_crops: int = 100, on_event: EventSink | None = None,
+                   cancel: CancelToken | None = None) -> DatasetResult:
+    """Render images 0..count-1 of a labelled set into ``out_dir`` (resuming a partial set).
+
+    recipe: a :class:`~fitting.recipe.Recipe` or a path to one. workers: local processes
+    (default: all cores; 1 renders in this process). scheduler: a Dask scheduler address
+    (``tcp://host:8786``) or a ``distributed.Client``; then ``out_dir`` must be shared with the
+    workers. reference: a micrograph to score the finished set against (FID/KID).
+    rle: segmentation format of annotations.json (see :func:`build_coco`).
+    A CancelToken or Ctrl-C stops after the images in flight; the set files are rebuilt either way.
+    """
+    from .recipe import Recipe
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    count = int(count)
+    if count < 1:
+        raise MatfitError(f"--count must be >= 1, got {count}")
+    if int(seed) < 0:
+        raise MatfitError(f"--seed must be >= 0, got {seed}")
+    if count > SEED_STRIDE:
+        raise MatfitError(f"at most {SEED_STRIDE} images per seed (got {count})",
+                          hint="render several sets with different --seed")
+    sink = on_event or null_sink
+    cancel = cancel or CancelToken()
+    job = make_job(recipe, size, spp, seed, instances, device)
+    if rle not in ("uncompressed", "compressed"):
+        raise MatfitError(f"unknown RLE format {rle!r}", hint="use 'uncompressed' or 'compressed'")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise MatfitError(f"{out} exists and is not a folder")
+    for sub in LAYOUT.values():
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    man = _check_manifest(out, job, recipe.to_dict())
+    remove_temporaries(out, stop_files=True)
+    todo = [i for i in range(count) if not is_finished(out, i)]
+    skipped = count - len(todo)
+    t0 = time.time()
+    prog = _Progress(sink, count, skipped)
+    if skipped:
+        sink(FitEvent("log", stage="bulk", message=f"{skipped} of {count} images already finished: skipped",
+                      progress=skipped / count))
+    if scheduler is not None:
+        backend = "dask"
+        nworkers = 0
+    else:
+        nworkers = int(workers) if workers else (os.cpu_count() or 1)
+        nworkers = max(1, min(nworkers, len(todo) or 1))
+        backend = "inline" if nworkers == 1 else "pool"
+    results: list[dict] = []
+    try:
+        if todo:
+            if backend == "inline":
+                for i in todo:
+                    if cancel.cancelled:
+                        break
+                    results.append(render_index(job, i, out))
+                    prog.step()
+            elif backend == "pool":
+                results = _run_pool(job, todo, out, nworkers, device, prog, cancel)
+            else:
+                results, nworkers = _run_dask(job, todo, out, scheduler, chunk_size, prog, cancel)
+    finally:
+        remove_temporaries(out)
+        n_img, n_ann = write_set_files(out, man.get("coco_info"), rle)
+    rendered = [r for r in results if not r.get("skipped")]
+    stages: dict[str, float] = {}
+    for r in rendered:
+        for k, v in r.get("seconds", {}).items():
+            stages[k] = stages.get(k, 0.0) + v / len(rendered)
+    missing = [i for i in range(count) if not is_finished(out, i)]
+    res = DatasetResult(out_dir=str(out), count=count, rendered=len(rendered),
+                        skipped=skipped + sum(1 for r in results if r.get("skipped")), images=n_img,
+                        annotations=n_ann, seconds=time.time() - t0, workers=nworkers, backend=backend,
+                        stage_seconds=stages, cancelled=bool(missing) and cancel.cancelled)
+    if missing and not res.cancelled:
+        raise MatfitError(f"{len(missing)} image(s) were not written (first: {stem(missing[0])})",
+                          hint="run the same command again to render the missing images")
+    if res.cancelled:
+        sink(FitEvent("log", stage="bulk", message=f"stopped: {count - len(missing)} of {count} images finished; "
+                      "run the same command again to resume", progress=(count - len(missing)) / count))
+        return res
+    sink(FitEvent("finished", stage="bulk", progress=1.0,
+                  message=f"{count} images, {n_ann} instances in {res.seconds:.1f} s -> {out}"))
+    if reference is not None:
+        from .quality import score_folder
+        scale = int((recipe.reference or {}).get("working_scale") or 512)
+        sink(FitEvent("stage", stage="score", message=f"FID/KID against {reference}", progress=1.0))
+        res.score = score_folder(reference, out, working_scale=scale, seed=int(seed), crops=int(score_crops))
+    return res
+
+
+def _sigint_ignored():
+    """Context: SIGINT ignored in this process (main thread only), so that children spawned
+    meanwhile start with it ignored too (an ignored signal stays ignored across exec); a Ctrl-C
+    then reaches only the parent, which stops the pool cleanly."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def cm():
+        try:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:          # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+    return cm()
+
+
+def _run_pool(job, todo, out, nworkers, device, prog, cancel) -> list[dict]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+    ctx = mp.get_context("spawn")   # never fork a process that may hold Dr.Jit/LLVM threads
+    results: list[dict] = []
+    ex = ProcessPoolExecutor(max_workers=nworkers, mp_context=ctx, initializer=_pool_init, initargs=(device,))
+    pending = list(todo)
+    running: set = set()
+    try:
+        with _sigint_ignored():     # the workers are spawned by these first submits
+            while pending and len(running) < 2 * nworkers:
+                running.add(ex.submit(render_index, job, pending.pop(0), str(out)))
+        while pending or running:
+            while pending and len(running) < 2 * nworkers and not cancel.cancelled:
+                running.add(ex.submit(render_index, job, pending.pop(0), str(out)))
+            if not running:
+                break
+            done, running = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in done:
+                try:
+                    results.append(f.result())
+                except BrokenProcessPool:
+                    raise MatfitError("a render worker process died (out of memory, or killed)",
+                                      hint="run the same command again to resume; use fewer --workers "
+                                           "if memory is short") from None
+                prog.step()
+            if cancel.cancelled:
+                pending.clear()
+        ex.shutdown(wait=True)
+    except KeyboardInterrupt:
+        # Ctrl-C that the caller did not turn into a cancel (the CLI's second one): stop now.
+        # Killed workers leave at most temporary files (removed by the caller), never a final one.
+        _kill_pool(ex)
+        raise
+    except BaseException:
+        # an error: drop queued images, let the running ones finish their files
+        pending.clear()
+        for f in running:
+            f.cancel()
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            _kill_pool(ex)
+        raise
+    return results
+
+
+def _kill_pool(ex) -> None:
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    for p in procs:
+        try:
+            p.join(timeout=10)
+        except Exception:
+            pass
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _connect(scheduler):
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise MatfitError("--scheduler needs dask.distributed", hint='pip install "dask[distributed]"') from e
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    try:
+        return Client(str(scheduler), timeout=30), True
+    except (OSError, TimeoutError) as e:
+        raise MatfitError(f"cannot reach the Dask scheduler at {scheduler}: {e}",
+                          hint="start one with `dask scheduler` and workers with `dask worker ADDRESS "
+                               "--nthreads 1`, then pass its tcp:// address") from None
+
+
+def _run_dask(job, todo, out: Path, scheduler, chunk_size, prog, cancel) -> tuple[list[dict], int]:
+    client, own = _connect(scheduler)
+    results: list[dict] = []
+    stop_file = str(out / f".stop-{uuid.uuid4().hex}")
+    futures = []
+    try:
+        nworkers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})) if _accepts_n_workers()
+                       else len(client.scheduler_info().get("workers", {})))
+        probe = f".probe-{uuid.uuid4().hex}"
+        host = client.submit(_probe_write, str(out), probe, pure=False).result(timeout=120)
+        if not (out / probe).is_file():
+            raise MatfitError(f"a Dask worker on {host} wrote into {out}, but this machine does not see the "
+                              "file: the output folder is not shared",
+                              hint="put --out on a filesystem mounted at the same path on every worker "
+                                   "(NFS, Lustre, ...)")
+        (out / probe).unlink()
+        c = chunk_size or max(1, min(16, math.ceil(len(todo) / (4 * nworkers))))
+        chunks = [todo[i:i + c] for i in range(0, len(todo), c)]
+        futures = [client.submit(_dask_chunk, job, ch, str(out), stop_file, pure=False) for ch in chunks]
+        remaining = list(futures)
+        while remaining:
+            if cancel.cancelled and not os.path.exists(stop_file):
+                Path(stop_file).touch()       # workers stop between images
+            done = [f for f in remaining if f.done()]
+            if not done:
+                time.sleep(0.1)
+                continue
+            remaining = [f for f in remaining if not f.done()]
+            for f in done:
+                part = f.result()
+                results.extend(part)
+                prog.step(len(part))
+        return results, nworkers
+    except KeyboardInterrupt:
+        # Ctrl-C not turned into a cancel (the CLI's second one): stop at once. Images already
+        # rendering on workers still finish (atomically); the next run lists them.
+        Path(stop_file).touch()
+        stop_file = None            # keep it: running chunks read it between images (removed next run)
+        client.cancel(futures)
+        raise
+    except BaseException:
+        # an error: stop workers between images (they check the stop file), let images in flight finish
+        try:
+            Path(stop_file).touch()
+            from distributed import wait as dwait
+            dwait(futures, timeout=600)
+        except BaseException:
+            client.cancel(futures)
+        raise
+    finally:
+        if stop_file:
+            try:
+                os.unlink(stop_file)
+            except OSError:
+                pass
+        if own:
+            client.close()
+
+
+def _accepts_n_workers() -> bool:
+    import inspect
+    from distributed import Client
+    try:
+        return "n_workers" in inspect.signature(Client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False

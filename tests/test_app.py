@@ -1,0 +1,440 @@
+"""The matfit window, driven for real: a real micrograph, a short real fit in the engine process.
+
+One window (and one engine process) serves the tests that need a finished fit; the fit runs once,
+with a 10 ms QTimer measuring how long the event loop ever stalls while it runs. Tests that need
+no fit use windows without an engine. QMessageBox is patched to record dialogs, never block.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Before Qt is imported: no display needed, and never the user's own settings/autosave.
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+_STATE_DIR = tempfile.mkdtemp(prefix="matfit-gui-test-")
+os.environ["MATFIT_GUI_STATE_DIR"] = _STATE_DIR
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
+from PySide6.QtTest import QTest  # noqa: E402
+from PySide6.QtWidgets import QApplication, QMessageBox  # noqa: E402
+
+from app import state  # noqa: E402
+from app.main_window import MainWindow  # noqa: E402
+from app.widgets.bulk_preview import outline_overlay  # noqa: E402
+from app.widgets.settings_dialog import SettingsDialog  # noqa: E402
+from conftest import REFERENCE_DIR  # noqa: E402
+
+LICOVO4 = REFERENCE_DIR / "ParticleAnalyzer__Cathode_LiCoVO4.jpg"   # SEM with a Tescan data bar
+LICOVO4_BAR_ROW = 1280                                               # see test_images.py
+CARBON_BLACK = REFERENCE_DIR / "CarbonBlackSegmentation__20180529_A9_003.png"
+# A SHORT real fit: 3 materials, 3 iterations each, 128 px renders, two reference scales.
+FIT_OPTIONS = {"budget_s": 25.0, "iterations": 3, "size": 128, "scales": [256, 384],
+               "materials": ["sem_faceted_crystals", "sem_sintered_agglomerates", "tem_carbon_black"]}
+FIT_TIMEOUT_S = 150
+MAX_STALL_S = 0.100
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Run the event loop until ``predicate()`` holds (usable in module fixtures, unlike qtbot)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        QTest.qWait(10)
+
+
+class StallMeter:
+    """A 10 ms timer; the longest gap between its ticks is the longest event-loop stall."""
+
+    def __init__(self) -> None:
+        self.timer = QTimer()
+        self.timer.setTimerType(Qt.TimerType.PreciseTimer)
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(self._tick)
+        self.max_gap_s = 0.0
+        self.ticks = 0
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+        self.timer.start()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.max_gap_s = max(self.max_gap_s, now - self._last)
+        self._last = now
+        self.ticks += 1
+
+    def stop(self) -> None:
+        self._tick()
+        self.timer.stop()
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _state_dir():
+    yield Path(_STATE_DIR)
+    shutil.rmtree(_STATE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dialogs():
+    """Every QMessageBox the window shows, as (kind, title, text); none blocks."""
+    shown: list[tuple[str, str, str]] = []
+
+    def recorder(kind: str):
+        def show(parent, title, text, *args, **kwargs):
+            shown.append((kind, title, text))
+            return QMessageBox.StandardButton.Ok
+        return show
+
+    with pytest.MonkeyPatch.context() as mp:
+        for kind in ("critical", "warning", "information", "question"):
+            mp.setattr(QMessageBox, kind, recorder(kind))
+        yield shown
+
+
+@pytest.fixture(scope="module")
+def window(qapp, dialogs):
+    w = MainWindow()
+    w.show()
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def fitted(window, dialogs):
+    """Load the SEM reference and run the short fit to its end, watching the event loop."""
+    m = window.model
+    dialogs.clear()
+    window.load_reference_file(LICOVO4)
+    wait_until(lambda: m.reference is not None, 30, "the reference to load")
+    window.set_fit_options(**FIT_OPTIONS)
+    seen = {"previews": 0, "losses": 0, "thumbnails": 0, "tiles": 0}
+
+    def preview_changed() -> None:
+        if m.fitting and m.preview is not None:
+            seen["previews"] += 1
+
+    def candidates_changed() -> None:
+        if m.fitting:
+            seen["thumbnails"] = max(seen["thumbnails"], sum(c.thumbnail is not None for c in m.candidates))
+            seen["tiles"] = max(seen["tiles"], sum(c.reference_tile is not None for c in m.candidates))
+
+    m.previewChanged.connect(preview_changed)
+    m.candidatesChanged.connect(candidates_changed)
+    m.lossAppended.connect(lambda *_: seen.__setitem__("losses", seen["losses"] + 1))
+    meter = StallMeter()
+    t0 = time.monotonic()
+    meter.start()
+    window.fit_button.click()
+    wait_until(lambda: m.progress.state != "running", FIT_TIMEOUT_S, "the fit to end")
+    meter.stop()
+    seen["seconds"] = time.monotonic() - t0
+    seen["max_stall_s"] = meter.max_gap_s
+    seen["ticks"] = meter.ticks
+    print(f"\nfit: {seen['seconds']:.1f} s, max event-loop gap {1000 * meter.max_gap_s:.1f} ms over "
+          f"{meter.ticks} ticks, {seen['previews']} previews, {seen['losses']} iterations")
+    assert m.progress.state == "finished", f"fit ended as {m.progress.state}: {m.progress.message}; {dialogs}"
+    return seen
+
+
+def new_window(qtbot, **kw) -> MainWindow:
+    w = MainWindow(**kw)
+    qtbot.addWidget(w)
+    w.show()
+    return w
+
+
+# ---------------------------------------------------------------------------------- no engine
+def test_reference_shows_data_bar_and_roi_is_adjustable(qtbot):
+    w = new_window(qtbot, start_engine=False)
+    w.load_reference_file(LICOVO4)
+    qtbot.waitUntil(lambda: w.model.reference is not None, timeout=30_000)
+    ref = w.model.reference
+    assert ref.bar_detected and ref.crop_box == (0, 0, 1280, LICOVO4_BAR_ROW)
+    bar = w.reference_view.bar_rect()
+    assert bar is not None and bar.top() == LICOVO4_BAR_ROW and bar.bottom() == 1400   # outlined, shaded
+    assert w.reference_view.roi_rect().height() == LICOVO4_BAR_ROW
+    assert [s.value() for s in w.roi_spins] == [0, 0, 1280, LICOVO4_BAR_ROW]
+    assert w.model.crop_for_engine() is None and not w.roi_reset.isEnabled()
+    assert w.fit_action.isEnabled()
+
+    w.reference_view.roiDrawn.emit((100, 120, 700, 900))          # a Shift+drag on the image
+    assert w.model.roi == (100, 120, 700, 900)
+    assert w.model.crop_for_engine() == (100, 120, 700, 900)
+    assert [s.value() for s in w.roi_spins] == [100, 120, 700, 900]
+    assert w.roi_reset.isEnabled()
+    w.roi_spins[3].setValue(1000)                                  # or the spin boxes
+    assert w.model.roi == (100, 120, 700, 1000)
+    w.roi_spins[2].setValue(105)                                   # < 16 px wide: refused
+    assert w.model.roi == (100, 120, 700, 1000) and w.roi_spins[2].value() == 700
+    w.roi_reset.click()
+    assert w.model.crop_for_engine() is None
+    assert str(LICOVO4.resolve()) in state.recent_files()
+
+
+def test_unreadable_file_shows_error_dialog(qtbot, dialogs, tmp_path):
+    w = new_window(qtbot, start_engine=False)
+    bad = tmp_path / "broken_micrograph.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    dialogs.clear()
+    w.load_reference_file(bad)
+    qtbot.waitUntil(lambda: len(dialogs) == 1, timeout=10_000)
+    kind, title, text = dialogs[0]
+    assert kind == "critical" and title == "Cannot open the image"
+    assert "broken_micrograph.png" in text and "\n\n" in text      # the engine's message + its hint
+    assert w.model.reference is None and not w.fit_action.isEnabled()
+    w.load_reference_file(CARBON_BLACK)                             # still usable
+    qtbot.waitUntil(lambda: w.model.reference is not None, timeout=30_000)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # QDragEnterEvent's only constructor
+def test_drop_anywhere_opens_the_image(qtbot):
+    w = new_window(qtbot, start_engine=False)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(CARBON_BLACK))])
+    target = w.tile_view.viewport()           # dropped on a view: it must reach the window
+    assert not target.acceptDrops() and w.acceptDrops()
+    # What a real drag does: enter (the window must accept it), then drop.
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                            Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(w, enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                      Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(w, drop)
+    assert drop.isAccepted()
+    qtbot.waitUntil(lambda: w.model.reference is not None, timeout=30_000)
+    assert w.model.reference.name == CARBON_BLACK.name and not w.model.reference.bar_detected
+
+
+def test_settings_persist_and_list_backbones(qtbot):
+    w = new_window(qtbot, start_engine=False)
+    backbones = {"vgg16-hed": "ok: weights here (default)", "vgg19-imagenet": "missing: no weights"}
+    dialog = SettingsDialog({**w.user_settings, **w.model.fit_options}, backbones, w)
+    qtbot.addWidget(dialog)
+    assert dialog.backbone.count() == 2
+    assert not dialog.backbone.model().item(1).isEnabled()          # missing weights: not selectable
+    dialog.preset.setCurrentText("Quick")
+    dialog._apply_preset()
+    assert (dialog.budget.value(), dialog.iterations.value()) == (30, 20)
+    dialog.size.setCurrentIndex(dialog.size.findData(192))
+    w.apply_settings(dialog.values())
+    assert w.model.fit_options["budget_s"] == 30 and w.model.fit_options["size"] == 192
+    again = new_window(qtbot, start_engine=False)                   # persisted (in the test state dir)
+    assert again.model.fit_options["iterations"] == 20 and again.model.fit_options["size"] == 192
+    assert (Path(_STATE_DIR) / "settings.ini").is_file()
+    w.apply_settings({"budget_s": 120.0, "iterations": 60, "size": 256, "device": "auto", "backbone": "vgg16-hed"})
+
+
+def test_bulk_outline_overlay_colours_each_particle():
+    image = np.full((8, 8), 100, np.uint8)
+    mask = np.zeros((8, 8), np.int32)
+    mask[1:4, 1:4] = 1
+    mask[4:7, 4:7] = 2
+    rgb = outline_overlay(image, mask)
+    assert rgb.shape == (8, 8, 3)
+    assert (rgb[2, 2] == 100).all()                               # inside: untouched
+    assert (rgb[0, 0] == 100).all()                               # substrate: untouched
+    assert not (rgb[1, 1] == 100).all() and not (rgb[4, 4] == 100).all()
+    assert not np.array_equal(rgb[1, 1], rgb[4, 4])               # one colour per particle
+
+
+# ---------------------------------------------------------------------------------- with the fit
+def test_fit_runs_to_the_end_with_live_candidates_and_previews(window, fitted, dialogs):
+    m = window.model
+    assert not dialogs, dialogs
+    assert fitted["thumbnails"] == 3 and fitted["tiles"] == 3      # the "candidates" event
+    assert fitted["previews"] >= 3 and fitted["losses"] >= 3       # live renders, loss points
+    assert m.progress.progress == 1.0 and "Fit finished" in window.stage_label.text()
+    assert len(m.candidates) == 3 and m.selected is not None
+    assert {c.material_id for c in m.candidates} == set(FIT_OPTIONS["materials"])
+    assert all(c.x_final is not None and c.distance_final is not None for c in m.candidates)
+    assert [len(s) for s in window.loss_plot.series()] == [len(c.losses) for c in m.candidates]
+    assert window.tile_view.has_image and window.render_view.has_image
+    assert window.tile_view.image_size == window.render_view.image_size == (128, 128)
+    assert window.preview_is_current()
+    # The parameter panel: grouped, one slider per parameter, at the fitted values.
+    panel = window.parameter_panel
+    assert panel.isEnabled() and len(panel.sliders) == len(m.material.specs)
+    groups = {s.group for s in m.material.specs}
+    assert groups <= {"surface", "geometry", "lighting", "imaging"} and len(groups) >= 3
+    for i, spec in enumerate(m.material.specs):
+        assert panel.sliders[spec.name].value() == round(float(m.x_fitted[i]) * 1000)
+    assert window.export_recipe_action.isEnabled() and window.bulk_action.isEnabled()
+    assert window.cancel_action.isEnabled() is False and window.fit_action.isEnabled()
+
+
+def test_event_loop_never_stalls_during_the_fit(fitted):
+    assert fitted["ticks"] > 100
+    assert fitted["max_stall_s"] < MAX_STALL_S, f"event loop stalled {1000 * fitted['max_stall_s']:.0f} ms"
+
+
+def test_linked_views_share_zoom_and_pan(window, fitted):
+    a, b = window.tile_view, window.render_view
+    a.zoom_by(2.0)
+    assert b.zoom_factor() == pytest.approx(a.zoom_factor())
+    a.horizontalScrollBar().setValue(a.horizontalScrollBar().value() + 20)
+    ca = a.mapToScene(a.viewport().rect().center())
+    cb = b.mapToScene(b.viewport().rect().center())
+    assert abs(ca.x() - cb.x()) < 1.5 and abs(ca.y() - cb.y()) < 1.5
+    b.fit_to_view()
+    assert a.zoom_factor() == pytest.approx(b.zoom_factor())
+
+
+def test_slider_edit_rerenders_and_reset_restores(window, fitted, qtbot):
+    m, panel = window.model, window.parameter_panel
+    i = next(k for k, s in enumerate(m.material.specs) if s.group == "imaging" and s.refine)
+    spec = m.material.specs[i]
+    before = m.preview.copy()
+    slider = panel.sliders[spec.name]
+    slider.setValue(1000 if slider.value() < 500 else 0)
+    assert m.edited and not window.preview_is_current()
+    qtbot.waitUntil(window.preview_is_current, timeout=30_000)
+    assert not np.array_equal(m.preview, before)
+    assert "edited" in panel.header.text()
+    panel.reset_button.click()
+    assert not m.edited and slider.value() == round(float(m.x_fitted[i]) * 1000)
+    qtbot.waitUntil(window.preview_is_current, timeout=30_000)
+
+
+def test_switching_candidates(window, fitted, qtbot):
+    m = window.model
+    best = m.selected
+    other = (best + 1) % 3
+    qtbot.mouseClick(window.candidate_strip.cards[other], Qt.MouseButton.LeftButton)
+    assert m.selected == other and m.material.id == m.candidates[other].material_id
+    assert np.allclose(m.x, m.candidates[other].x_final)
+    assert set(window.parameter_panel.sliders) == {s.name for s in m.material.specs}
+    qtbot.waitUntil(window.preview_is_current, timeout=30_000)
+    qtbot.mouseClick(window.candidate_strip.cards[best], Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(window.preview_is_current, timeout=30_000)
+    assert m.selected == best
+
+
+def test_export_recipe_and_reopen_it(window, fitted, qtbot, tmp_path):
+    m = window.model
+    i = next(k for k, s in enumerate(m.material.specs) if s.refine)
+    window.parameter_panel.sliders[m.material.specs[i].name].setValue(123)   # an edit is exported too
+    x_exported, material = m.x.copy(), m.material.id
+    out = tmp_path / "exported_recipe.json"
+    written: list[str] = []
+    window.export_recipe(out, on_done=written.append)
+    qtbot.waitUntil(lambda: bool(written), timeout=30_000)
+    d = json.loads(out.read_text())
+    assert d["material"]["id"] == material and d["fit"]["options"]["iterations"] == 3
+    assert d["reference"]["bar_detected"] is True
+    assert d["parameters"][m.material.specs[i].name]["normalized"] == pytest.approx(0.123, abs=1e-4)
+    assert any("edited" in n for n in d["notes"])
+
+    window.model.reset_parameters()
+    window.open_recipe(out)
+    qtbot.waitUntil(lambda: m.document_source == str(out) and window.preview_is_current(), timeout=60_000)
+    assert m.material.id == material and np.allclose(m.x, x_exported, atol=1e-4)
+    assert m.candidates == [] and window.render_view.has_image
+    assert window.parameter_panel.sliders[m.material.specs[i].name].value() == 123
+
+
+def test_export_mitsuba_scene(window, fitted, qtbot, tmp_path):
+    if not window.scene_export_available:
+        assert not window.export_scene_action.isEnabled()
+        assert "cannot export" in window.export_scene_action.toolTip()
+        return
+    assert window.export_scene_action.isEnabled()
+    window.export_scene(tmp_path / "scene")
+    qtbot.waitUntil(lambda: "Mitsuba scene written" in window.stage_label.text(), timeout=60_000)
+    assert any((tmp_path / "scene").glob("*.xml"))
+
+
+def test_bulk_preview_shows_new_layouts_with_instance_outlines(window, fitted, qtbot):
+    window.show_bulk_preview()
+    dialog = window._bulk_dialog          # owned by the window (not qtbot: it would delete it)
+    dialog.count.setValue(2)
+    dialog.render_button.click()
+    qtbot.waitUntil(lambda: len(dialog.renders) == 2 and dialog.render_button.isEnabled(), timeout=60_000)
+    (img0, mask0), (img1, mask1) = dialog.renders[0], dialog.renders[1]
+    assert img0.shape == mask0.shape == (128, 128)
+    assert mask0.max() > 0 and not np.array_equal(mask0, mask1)       # particles; new layout per seed
+    overlay = outline_overlay(img0, mask0)
+    assert (overlay[..., 0] != overlay[..., 1]).any()                  # coloured outlines
+    dialog.close()
+
+
+def test_autosave_is_offered_at_next_start(window, fitted, qtbot):
+    path = state.autosave_path()
+    assert path.parent == Path(_STATE_DIR) and path.is_file()
+    saved = json.loads(path.read_text())
+    assert saved["material"]["id"] in FIT_OPTIONS["materials"]
+    second = new_window(qtbot, engine=window.engine)       # "next start", sharing the warm engine
+    assert second.banner.isVisible() and "Open last fit" in second.banner.buttons
+    second.banner.buttons["Open last fit"].click()
+    assert not second.banner.isVisible()
+    qtbot.waitUntil(lambda: second.model.has_document and second.preview_is_current(), timeout=60_000)
+    assert second.model.material.id == saved["material"]["id"]
+    assert len(second.parameter_panel.sliders) == len(saved["parameters"])
+    second.close()
+    assert window.engine.running                          # the shared engine outlives the window
+
+
+def test_cancel_stops_within_a_second_and_leaves_the_window_usable(window, fitted, qtbot):
+    m = window.model
+    old_pid = window.engine.pid
+    window.start_fit()
+    qtbot.waitUntil(lambda: m.progress.stage in ("describe", "rank", "refine"), timeout=60_000)
+    meter = StallMeter()
+    meter.start()
+    t0 = time.monotonic()
+    window.cancel_action.trigger()
+    assert m.progress.state == "cancelled"                 # the window is usable at once ...
+    assert window.fit_action.isEnabled() and not window.cancel_action.isEnabled()
+    assert window.parameter_panel.isEnabled()
+    qtbot.waitUntil(lambda: not window.engine.busy, timeout=2_000)   # ... and the engine stops
+    stopped_after = time.monotonic() - t0
+    meter.stop()
+    assert stopped_after < 1.6, f"the engine took {stopped_after:.2f} s to stop"
+    assert meter.max_gap_s < MAX_STALL_S
+    print(f"\ncancel: engine free after {stopped_after:.2f} s (pid {old_pid} -> {window.engine.pid})")
+    # Usable: an edit renders (in the same or a fresh engine process).
+    slider = next(iter(window.parameter_panel.sliders.values()))
+    slider.setValue(500 if slider.value() != 500 else 400)
+    qtbot.waitUntil(window.preview_is_current, timeout=60_000)
+
+
+def test_engine_death_shows_error_and_restarts_on_next_request(window, fitted, dialogs, qtbot):
+    qtbot.waitUntil(lambda: window.engine.running, timeout=10_000)
+    old_pid = window.engine.pid
+    dialogs.clear()
+    os.kill(old_pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: len(dialogs) == 1, timeout=5_000)
+    assert dialogs[0][1] == "The engine stopped" and "killed by signal 9" in dialogs[0][2]
+    assert not window.engine.running
+    slider = next(iter(window.parameter_panel.sliders.values()))
+    slider.setValue(600 if slider.value() != 600 else 300)
+    qtbot.waitUntil(window.preview_is_current, timeout=60_000)
+    assert window.engine.pid != old_pid and len(dialogs) == 1
+
+
+def test_screenshot_command_line(tmp_path):
+    """`matfit-gui IMAGE --screenshot PNG` (the real entry point, in its own process)."""
+    out = tmp_path / "window.png"
+    env = {**os.environ, "MATFIT_GUI_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from app.main import main; sys.exit(main())",
+                           str(LICOVO4), "--screenshot", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from PySide6.QtGui import QImage
+    shot = QImage(str(out))
+    assert (shot.width(), shot.height()) == (1400, 900)
