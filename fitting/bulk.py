@@ -36,7 +36,7 @@ materials of single particles both are the same. Instances that are not visible 
 dropped; the ids that remain are relabelled 1..K in the order of the layout's ids.
 
 Parallelism: a local process pool (default one process per core, each with one render thread;
-``workers=1`` renders in the calling process), or a Dask distributed cluster (``scheduler=``
+``workers=1`` renders in the calling process, which is also the default when a GPU renders), or a Dask distributed cluster (``scheduler=``
 address): tasks are chunks of image indices, the worker function imports ``fitting`` and
 renders, and **workers write the files themselves into the output folder, which must therefore
 be one shared folder (e.g. NFS) mounted at the same path on every worker and on the submitting
@@ -78,40 +78,14 @@ CSV_COLUMNS = ["image", "image_id", "instance_id", "area_px", "eq_diameter_mask_
                "n_primaries"]
 
 
-def _file_mode() -> int:
-    """Mode for new files under the process umask (read without changing it, where possible)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
-_MODE = _file_mode()
-
-
 def _write_text(path, text: str) -> None:
-    """recipe.atomic_write_text, then the umask's mode: its mkstemp file is 0600, which the
-    other users of a shared data set (and of a cluster's shared folder) could not read."""
     from .recipe import atomic_write_text
     atomic_write_text(path, text)
-    _chmod(path)
 
 
 def _save_png(path, arr: np.ndarray) -> None:
     from .recipe import atomic_save_png
     atomic_save_png(path, arr)
-    _chmod(path)
-
-
-def _chmod(path) -> None:
-    try:
-        os.chmod(path, _MODE)
-    except OSError:
-        pass
 
 
 def seeds_for(seed: int, index: int) -> tuple[int, int]:
@@ -151,7 +125,8 @@ def make_job(recipe, size: int | None = None, spp: int | None = None, seed: int 
         raise MatfitError(f"image size {size} outside 16..4096")
     if spp < 1:
         raise MatfitError(f"spp must be >= 1, got {spp}")
-    return {"material_id": mat.id, "content_hash": recipe.content_hash,
+    # the hash of the material as it renders now (a recipe may carry an older one)
+    return {"material_id": mat.id, "content_hash": mat.content_hash,
             "values": {s.name: float(recipe.values[s.name]) for s in mat.specs},
             "size": size, "spp": spp, "seed": int(seed), "instances": instances, "device": device}
 
@@ -212,7 +187,7 @@ def _render_index(job: dict, index: int, out: Path) -> dict:
         td = time.perf_counter()
         img = r.render(maps, parts["shade"], render_seed, trace_params=parts["trace"])
         te = time.perf_counter()
-        img = scene.model.post(img, parts["post"], render_seed, noise=True).numpy()
+        img = scene.model.post(img, parts["post"], render_seed, noise=True).detach().cpu().numpy()
         tf = time.perf_counter()
         pid = r.instance_mask()
         tg = time.perf_counter()
@@ -295,6 +270,9 @@ def rle_counts_all(labels: np.ndarray, k: int) -> list[list[int]]:
     out = []
     for i in range(k):
         s, e = starts[bounds[i]:bounds[i + 1]], ends[bounds[i]:bounds[i + 1]]
+        if len(s) == 0:                  # id absent: all zeros
+            out.append([n])
+            continue
         counts = np.empty(2 * len(s) + 1, np.int64)
         counts[0] = s[0]
         counts[2:-1:2] = s[1:] - e[:-1]
@@ -556,6 +534,17 @@ class DatasetResult:
         return d
 
 
+def default_workers(device: str = "auto") -> int:
+    """All usable cores on CPU; one process when rendering on a GPU (processes would share it)."""
+    from .runtime import cuda_device_name
+    if device != "cpu" and os.environ.get("MATFIT_DEVICE", device).lower() != "cpu" and cuda_device_name():
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class _Progress:
     def __init__(self, sink: EventSink, total: int, done0: int) -> None:
         self.sink, self.total, self.done0 = sink, total, done0
@@ -581,7 +570,7 @@ def render_dataset(recipe, out_dir: str | os.PathLike, count: int, *, size: int 
     """Render images 0..count-1 of a labelled set into ``out_dir`` (resuming a partial set).
 
     recipe: a :class:`~fitting.recipe.Recipe` or a path to one. workers: local processes
-    (default: all cores; 1 renders in this process). scheduler: a Dask scheduler address
+    (default: :func:`default_workers`; 1 renders in this process). scheduler: a Dask scheduler address
     (``tcp://host:8786``) or a ``distributed.Client``; then ``out_dir`` must be shared with the
     workers. reference: a micrograph to score the finished set against (FID/KID).
     rle: segmentation format of annotations.json (see :func:`build_coco`).
@@ -603,6 +592,11 @@ def render_dataset(recipe, out_dir: str | os.PathLike, count: int, *, size: int 
     job = make_job(recipe, size, spp, seed, instances, device)
     if rle not in ("uncompressed", "compressed"):
         raise MatfitError(f"unknown RLE format {rle!r}", hint="use 'uncompressed' or 'compressed'")
+    ref_work = None
+    if reference is not None:      # a bad reference fails now, not after hours of rendering
+        from .images import load_reference
+        scale = int((recipe.reference or {}).get("working_scale") or 512)
+        ref_work = load_reference(reference).working(max_side=scale)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise MatfitError(f"{out} exists and is not a folder")
@@ -621,7 +615,7 @@ def render_dataset(recipe, out_dir: str | os.PathLike, count: int, *, size: int 
         backend = "dask"
         nworkers = 0
     else:
-        nworkers = int(workers) if workers else (os.cpu_count() or 1)
+        nworkers = int(workers) if workers else default_workers(device)
         nworkers = max(1, min(nworkers, len(todo) or 1))
         backend = "inline" if nworkers == 1 else "pool"
     results: list[dict] = []
@@ -659,11 +653,10 @@ def render_dataset(recipe, out_dir: str | os.PathLike, count: int, *, size: int 
         return res
     sink(FitEvent("finished", stage="bulk", progress=1.0,
                   message=f"{count} images, {n_ann} instances in {res.seconds:.1f} s -> {out}"))
-    if reference is not None:
+    if ref_work is not None:
         from .quality import score_folder
-        scale = int((recipe.reference or {}).get("working_scale") or 512)
         sink(FitEvent("stage", stage="score", message=f"FID/KID against {reference}", progress=1.0))
-        res.score = score_folder(reference, out, working_scale=scale, seed=int(seed), crops=int(score_crops))
+        res.score = score_folder(ref_work, out, working_scale=scale, seed=int(seed), crops=int(score_crops))
     return res
 
 

@@ -129,7 +129,7 @@ def cmd_sample(args) -> int:
     x = mat.random_vector(rng)
     rec = Recipe.from_vector(mat, x, seeds={"layout": args.seed, "render": args.seed},
                              render={"size": args.size, "spp": args.spp, "layout_seed": args.seed},
-                             notes=[f"parameters drawn uniformly from the specs with seed {args.seed}"])
+                             notes=[f"parameters drawn at random around the material defaults (Material.random_vector), seed {args.seed}"])
     rec.save(args.output, mat)
     print(f"recipe written to {args.output}", file=sys.stderr)
     return 0

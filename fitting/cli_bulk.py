@@ -86,7 +86,8 @@ def register(sub) -> None:
     b.add_argument("--size", type=int, help="image side in px (default: the recipe's)")
     b.add_argument("--spp", type=int, help="samples per pixel (default: the recipe's)")
     b.add_argument("--seed", type=int, default=0, help="set seed: image i uses layout seed SEED*100000+i")
-    b.add_argument("--workers", type=int, help="local processes (default: all cores; 1 = this process)")
+    b.add_argument("--workers", type=int,
+                   help="local processes (default: all cores, 1 on a GPU; 1 = render in this process)")
     b.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786)")
     b.add_argument("--instances", choices=["cluster", "primary"], default="cluster",
                    help="one instance per agglomerate (default) or per primary particle")

@@ -78,8 +78,22 @@ class Material:
     def default_vector(self) -> np.ndarray:
         return np.array([s.default_normalized for s in self.specs], dtype=np.float32)
 
-    def random_vector(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.uniform(0.0, 1.0, len(self.specs)).astype(np.float32)
+    def random_vector(self, rng: np.random.Generator, spread: float = 0.3) -> np.ndarray:
+        """A random normalised vector: each parameter from a normal around its default
+        (sd ``spread`` in normalised units) truncated to [0, 1] by redrawing.
+
+        Uniform draws over every range at once mostly give implausible images (e.g. maximal
+        contrast, offset and brightness together saturate to white); centring on the
+        author's defaults keeps samples micrograph-like while still covering each range.
+        """
+        mean = self.default_vector().astype(np.float64)
+        out = rng.normal(mean, spread)
+        for _ in range(20):
+            bad = (out < 0) | (out > 1)
+            if not bad.any():
+                break
+            out[bad] = rng.normal(mean[bad], spread)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
 
     def refine_mask(self) -> np.ndarray:
         return np.array([s.refine for s in self.specs], dtype=bool)

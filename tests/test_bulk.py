@@ -77,6 +77,7 @@ def test_rle_of_a_label_image_equals_pycocotools_encode():
             got = mask_utils.frPyObjects({"size": list(labels.shape), "counts": counts}, *labels.shape)
             assert got["counts"] == enc["counts"], (i, counts)
             assert sum(counts) == labels.size
+    assert rle_counts_all(lab, 5)[4] == [lab.size]          # id 5 is not in the image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +336,11 @@ def test_cli_bulk_local_pool_and_bad_recipe(work, sem_set, capsys):
     rc = main(["bulk", str(work / "missing.json"), "--count", "2", "--out", str(work / "never")])
     err = capsys.readouterr().err
     assert rc == 2 and "missing.json: no such recipe file" in err
+    assert not (work / "never").exists()
+    # a bad --reference fails before anything is rendered
+    rc = main(["bulk", str(work / "sem.json"), "--count", "2", "--out", str(work / "never"),
+               "--reference", str(work / "missing.png")])
+    assert rc == 2 and "missing.png" in capsys.readouterr().err
     assert not (work / "never").exists()
 
 
