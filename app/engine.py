@@ -27,7 +27,6 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_worker import DEFAULT_BACKEND, serve
-from .qtfix import emit
 
 POLL_INTERVAL_MS = 30
 POLL_BUDGET_S = 0.012      # at most this long handling replies per tick: the loop stays fluid
@@ -98,6 +97,7 @@ class EngineClient(QObject):
         self._cancel_event = self._ctx.Event()
         self._cancel_id = self._ctx.Value("q", 0)
         self._pending: dict[int, _Pending] = {}
+        self._dying: list = []   # killed children not yet reaped
         self._next_id = 1
         self._busy = False
         self._timer = QTimer(self)
@@ -145,17 +145,19 @@ class EngineClient(QObject):
         writes every file atomically, so no half-written recipe can be left behind."""
         self._timer.stop()
         proc, self._process = self._process, None
-        if proc is None:
-            return
-        if proc.is_alive() and self.capabilities and not self._pending:
-            try:
-                self._requests.put(None)
-                proc.join(timeout_s)
-            except (OSError, ValueError):
-                pass
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2.0)
+        if proc is not None:
+            if proc.is_alive() and self.capabilities and not self._pending:
+                try:
+                    self._requests.put(None)
+                    proc.join(timeout_s)
+                except (OSError, ValueError):
+                    pass
+            if proc.is_alive():
+                proc.kill()
+            self._dying.append(proc)
+        for p in self._dying:
+            p.join(2.0)
+        self._dying = []
         self._drop_queues()
         self._pending.clear()
         self._set_busy(False)
@@ -164,7 +166,9 @@ class EngineClient(QObject):
         proc, self._process = self._process, None
         if proc is not None and proc.is_alive():
             proc.kill()
-            proc.join(2.0)
+            # Reaped later by _poll: joining here would block the event loop for as long as the
+            # kernel takes to tear down a large process (tens of ms).
+            self._dying.append(proc)
         # Never read the old reply queue again: a child killed mid-write leaves half a message.
         self._drop_queues()
 
@@ -221,10 +225,11 @@ class EngineClient(QObject):
     def _set_busy(self, busy: bool) -> None:
         if busy != self._busy:
             self._busy = busy
-            emit(self.busyChanged, busy)
+            self.busyChanged.emit(busy)
 
     # ------------------------------------------------------------------ polling
     def _poll(self) -> None:
+        self._dying = [p for p in self._dying if p.is_alive()]   # is_alive() reaps without blocking
         if self._process is None:
             self._timer.stop()
             return
@@ -243,7 +248,7 @@ class EngineClient(QObject):
     def _dispatch(self, kind: str, rid: int, payload: Any) -> None:
         if kind == "ready":
             self.capabilities = payload
-            emit(self.ready, payload)
+            self.ready.emit(payload)
             return
         p = self._pending.get(rid)
         if p is None:  # a request cancelled before it started, or after its grace
@@ -280,8 +285,6 @@ class EngineClient(QObject):
         self._kill()
         self.start()
         self._resend_pending()
-        if self._pending:
-            self._set_busy(True)
 
     def _on_died(self) -> None:
         code = self._process.exitcode
@@ -299,4 +302,4 @@ class EngineClient(QObject):
                 _call(p.on_cancelled)
             else:
                 _call(p.on_error, err)
-        emit(self.died, message)
+        self.died.emit(message)

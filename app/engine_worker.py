@@ -19,6 +19,7 @@ Wire protocol, all plain picklable data (numbers, strings, dicts, numpy arrays, 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -269,8 +270,19 @@ class EngineBackend:
         render = {"size": 256, "spp": 4, "layout_seed": 0, **recipe.render}
         seed = int(recipe.seeds.get("render", PREVIEW_SEED))
         img = self._scene(mat.id, render["size"], render["spp"], render["layout_seed"]).render_numpy(x, seed=seed)
+        tile = None
+        scale = (recipe.reference or {}).get("working_scale")
+        if req.get("reference") and scale:
+            # The micrograph now open, at the scale the recipe was fitted at: comparable pixel
+            # for pixel with the render.
+            from fitting.images import load_reference
+            from fitting.pipeline import center_tile
+            crop = req["reference"].get("crop")
+            ref = load_reference(req["reference"]["path"], crop=tuple(crop) if crop else None)
+            tile = to_uint8(center_tile(ref.working(max_side=int(scale)), int(render["size"])))
         return {"path": str(req["path"]), "material": material_info(mat), "x": x, "render": render,
-                "seed": seed, "image": to_uint8(img), "notes": list(recipe.notes), "recipe": recipe.to_dict(mat)}
+                "seed": seed, "image": to_uint8(img), "notes": list(recipe.notes), "recipe": recipe.to_dict(mat),
+                "reference_tile": tile, "working_scale": scale}
 
 
 def _error_payload(exc: BaseException) -> dict:
@@ -278,7 +290,7 @@ def _error_payload(exc: BaseException) -> dict:
     if isinstance(exc, MatfitError):
         return {"message": exc.message, "hint": exc.hint, "kind": type(exc).__name__, "traceback": ""}
     return {"message": f"{type(exc).__name__}: {exc}",
-            "hint": "this is a bug in matfit; please report it with the details below",
+            "hint": "this is a bug in matfit; please report it (the traceback is printed on the terminal)",
             "kind": type(exc).__name__, "traceback": traceback.format_exc()}
 
 
@@ -308,7 +320,11 @@ def handle(backend, req: dict, reply: Reply, cancel_event, cancel_id, parent_ali
     try:
         if op is None:
             raise ValueError(f"unknown engine request {req['op']!r}")
-        reply("result", rid, op(req, emit, token))
+        result = op(req, emit, token)
+        # The queue pickles in a feeder thread that drops what it cannot pickle: check here,
+        # so that such a result becomes an error instead of a request the window waits on forever.
+        pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        reply("result", rid, result)
     except Cancelled as exc:
         reply("cancelled", rid, {"message": exc.message})
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the window as a message

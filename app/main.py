@@ -48,6 +48,9 @@ def apply_dark_palette(app) -> None:
 
 def create_application(argv: list[str]):
     from PySide6.QtWidgets import QApplication
+
+    from .qtfix import protect_singletons
+    protect_singletons()   # before Qt does any work: see app/qtfix.py
     app = QApplication.instance() or QApplication(argv)
     app.setOrganizationName("matfit")
     app.setApplicationName("matfit-gui")

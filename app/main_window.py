@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMainWindow, QM
 from . import state
 from .engine import EngineClient, EngineError
 from .model import DEFAULT_FIT_OPTIONS, AppModel
-from .qtfix import emit
+from .qtfix import protect_singletons
 from .widgets.banner import Banner
 from .widgets.bulk_preview import BulkPreviewDialog
 from .widgets.candidates import CandidateStrip
@@ -68,9 +68,9 @@ class _ReferenceLoader(QObject):
             try:
                 ref = load_reference(path)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a dialog
-                emit(self.failed, ticket, exc)
+                self.failed.emit(ticket, exc)
             else:
-                emit(self.loaded, ticket, ref)
+                self.loaded.emit(ticket, ref)
 
         threading.Thread(target=work, name="matfit-load-reference", daemon=True).start()
         return ticket
@@ -80,6 +80,7 @@ class MainWindow(QMainWindow):
     referenceLoadFailed = Signal(str)   # the dialog's message
 
     def __init__(self, engine: EngineClient | None = None, start_engine: bool = True) -> None:
+        protect_singletons()   # PySide6 6.12.0 on Python < 3.12: see app/qtfix.py
         super().__init__()
         self.setWindowTitle("matfit")
         self.resize(1400, 900)
@@ -97,7 +98,6 @@ class MainWindow(QMainWindow):
         self._bulk_dialog: BulkPreviewDialog | None = None
         self._restart_engine_when_idle = False
         self._shown_key: tuple | None = None     # (material, x) of the render on screen
-        self.last_error: tuple[str, str] | None = None
         self._render_timer = QTimer(self, singleShot=True, interval=RENDER_DEBOUNCE_MS)
         self._render_timer.timeout.connect(self._render_preview)
         self._eta_timer = QTimer(self, interval=1000)
@@ -236,9 +236,9 @@ class MainWindow(QMainWindow):
         middle = QWidget()
         mv = QVBoxLayout(middle)
         mv.setContentsMargins(6, 6, 6, 6)
-        mv.addLayout(pair, 3)
-        mv.addWidget(_label("Candidates"))
-        mv.addLayout(bottom, 1)
+        mv.addLayout(pair, 5)
+        mv.addWidget(_label("Candidates and loss"))
+        mv.addLayout(bottom, 2)
 
         # --- right: parameters
         self.parameter_panel = ParameterPanel(m)
@@ -251,7 +251,7 @@ class MainWindow(QMainWindow):
         splitter = QSplitter(Qt.Orientation.Horizontal)
         for w in (left, middle, right):
             splitter.addWidget(w)
-        splitter.setSizes([340, 660, 400])
+        splitter.setSizes([320, 660, 420])
         splitter.setStretchFactor(1, 1)
         self.banner = Banner()
         central = QWidget()
@@ -359,7 +359,7 @@ class MainWindow(QMainWindow):
             return
         self.stage_label.setText("The image could not be opened.")
         self.show_exception("Cannot open the image", exc)
-        emit(self.referenceLoadFailed, str(exc))
+        self.referenceLoadFailed.emit(str(exc))
 
     def _show_reference(self) -> None:
         ref = self.model.reference
@@ -448,6 +448,9 @@ class MainWindow(QMainWindow):
             self._eta_timer.start()
         else:
             self._eta_timer.stop()
+        if fit_state in ("cancelled", "failed"):   # the previous result is back on screen
+            m = self.model
+            self.loss_plot.set_series([c.losses for c in m.candidates], [c.material_id for c in m.candidates])
         self._show_candidates()
         self._update_actions()
 
@@ -472,7 +475,10 @@ class MainWindow(QMainWindow):
             self.render_title.setText(f"Render — refining {m.candidates[active].material_id}")
         elif m.has_document:
             self.render_title.setText(f"Render — {m.material.id}")
-        scale = m.candidates[active].scale if active is not None and active < len(m.candidates) else None
+        if m.fitting:
+            scale = m.candidates[active].scale if active is not None and active < len(m.candidates) else None
+        else:
+            scale = m.working_scale if m.has_document else None
         self.tile_title.setText(f"Reference (working scale {scale} px)" if scale else "Reference (working scale)")
 
     def _loss_appended(self, index: int, value: float) -> None:
@@ -541,7 +547,6 @@ class MainWindow(QMainWindow):
         self.stage_label.setText(f"opening recipe {Path(path).name}…")
 
         def opened(result: dict) -> None:
-            self._shown_key = None
             self.model.open_recipe_result(result)
             self._shown_key = self._document_key()
             self.loss_plot.clear()
@@ -549,8 +554,12 @@ class MainWindow(QMainWindow):
             self.stage_label.setText(f"Recipe {Path(path).name}: {result['material']['id']}"
                                      + (f" ({notes})" if notes else ""))
             state.add_recent_file(path)
+            if Path(path) == state.autosave_path():
+                self.banner.hide()   # the offer is taken, whichever way
 
-        self.engine.submit("open_recipe", {"path": path}, on_result=opened,
+        ref = self.model.reference
+        reference = None if ref is None else {"path": ref.path, "crop": self.model.crop_for_engine()}
+        self.engine.submit("open_recipe", {"path": path, "reference": reference}, on_result=opened,
                            on_error=lambda e: self.show_engine_error("Cannot open the recipe", e))
 
     def export_recipe(self, path: str | Path, on_done=None) -> None:
@@ -707,7 +716,6 @@ class MainWindow(QMainWindow):
 
     # ================================================================== errors
     def show_error(self, title: str, message: str, hint: str | None = None) -> None:
-        self.last_error = (title, message)
         text = message if not hint else f"{message}\n\n{hint}"
         QMessageBox.critical(self, title, text)
 

@@ -15,8 +15,6 @@ from PySide6.QtCore import QObject, Signal
 
 from fitting.images import ReferenceImage
 
-from .qtfix import emit
-
 GROUPS = ("surface", "geometry", "lighting", "imaging")   # fitting.params.GROUPS, in panel order
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image pixels
@@ -118,6 +116,7 @@ class AppModel(QObject):
         self.roi: Box | None = None
         self.fit_options: dict = dict(DEFAULT_FIT_OPTIONS)
         self.progress = FitProgress()
+        self._before_fit: tuple | None = None
         self.candidates: list[Candidate] = []
         self.selected: int | None = None           # candidate shown after the fit
         self.preview: np.ndarray | None = None     # uint8 render beside the reference
@@ -130,14 +129,15 @@ class AppModel(QObject):
         self.render_seed: int = 0
         self.document_source: str = ""             # "fit" or a recipe path
         self.base_recipe: dict | None = None       # the fit's or the opened recipe (JSON dict)
+        self.working_scale: int | None = None      # reference scale the document was fitted at
         self.fit_summary: dict | None = None
 
     # ------------------------------------------------------------------ reference + ROI
     def set_reference(self, ref: ReferenceImage) -> None:
         self.reference = ref
         self.roi = tuple(int(v) for v in ref.crop_box)
-        emit(self.referenceChanged)
-        emit(self.roiChanged)
+        self.referenceChanged.emit()
+        self.roiChanged.emit()
 
     def set_roi(self, box: Box) -> None:
         """Clamp to the image and keep at least 16 px a side (what load_reference accepts)."""
@@ -151,7 +151,7 @@ class AppModel(QObject):
             return
         if (x0, y0, x1, y1) != self.roi:
             self.roi = (x0, y0, x1, y1)
-            emit(self.roiChanged)
+            self.roiChanged.emit()
 
     def reset_roi(self) -> None:
         if self.reference is not None:
@@ -169,17 +169,19 @@ class AppModel(QObject):
         return self.progress.state == "running"
 
     def begin_fit(self) -> None:
+        # What the views showed, given back if this fit does not finish.
+        self._before_fit = (self.candidates, self.selected, self.preview, self.reference_tile)
         self.progress = FitProgress(state="running", stage="start", message="starting the engine",
                                     started_at=time.monotonic())
         self.candidates = []
         self.selected = None
         self.preview = None
         self.reference_tile = None
-        emit(self.candidatesChanged)
-        emit(self.previewChanged)
-        emit(self.referenceTileChanged)
-        emit(self.fitStateChanged, "running")
-        emit(self.progressChanged)
+        self.candidatesChanged.emit()
+        self.previewChanged.emit()
+        self.referenceTileChanged.emit()
+        self.fitStateChanged.emit("running")
+        self.progressChanged.emit()
 
     def end_fit(self, state: str, message: str = "") -> None:
         self.progress.state = state
@@ -188,9 +190,15 @@ class AppModel(QObject):
             self.progress.message = message
         if state == "finished":
             self.progress.progress = 1.0
+        elif self._before_fit is not None:
+            self.candidates, self.selected, self.preview, self.reference_tile = self._before_fit
+            self.candidatesChanged.emit()
+            self.previewChanged.emit()
+            self.referenceTileChanged.emit()
+        self._before_fit = None
         self.progress.eta_s = None
-        emit(self.fitStateChanged, state)
-        emit(self.progressChanged)
+        self.fitStateChanged.emit(state)
+        self.progressChanged.emit()
 
     def eta_s(self) -> float | None:
         """The engine's ETA when it gives one, else what is left of the time budget."""
@@ -221,7 +229,7 @@ class AppModel(QObject):
                                          thumbnail=thumbs.get(r["material"]),
                                          reference_tile=tiles.get(r["material"]))
                                for r in data.get("ranking", []) if r["material"] in thumbs]
-            emit(self.candidatesChanged)
+            self.candidatesChanged.emit()
         elif ev.kind == "stage" and "candidate" in data:
             self._set_refining(int(data["candidate"]))
         elif ev.kind == "iteration":
@@ -229,14 +237,14 @@ class AppModel(QObject):
             self._set_refining(i)
             if i < len(self.candidates):
                 self.candidates[i].losses.append(float(data["loss"]))
-                emit(self.lossAppended, i, float(data["loss"]))
+                self.lossAppended.emit(i, float(data["loss"]))
         elif ev.kind == "preview" and "image" in data:
             self._set_refining(int(data.get("candidate", 0)))
             self.preview = data["image"]
-            emit(self.previewChanged)
+            self.previewChanged.emit()
         elif ev.kind == "log":
-            emit(self.logMessage, ev.message)
-        emit(self.progressChanged)
+            self.logMessage.emit(ev.message)
+        self.progressChanged.emit()
 
     def _set_refining(self, i: int) -> None:
         if i == self.progress.refining:
@@ -244,8 +252,8 @@ class AppModel(QObject):
         self.progress.refining = i
         if i < len(self.candidates) and self.candidates[i].reference_tile is not None:
             self.reference_tile = self.candidates[i].reference_tile
-            emit(self.referenceTileChanged)
-        emit(self.candidatesChanged)
+            self.referenceTileChanged.emit()
+        self.candidatesChanged.emit()
 
     def apply_fit_result(self, result: dict) -> None:
         """The engine's fit result: candidates become selectable, the best one is shown."""
@@ -285,11 +293,12 @@ class AppModel(QObject):
         self.x = c.x_final.copy()
         self.x_fitted = c.x_final.copy()
         self.reference_tile = c.reference_tile
+        self.working_scale = c.scale
         self.preview = preview
-        emit(self.candidatesChanged)
-        emit(self.referenceTileChanged)
-        emit(self.documentChanged)
-        emit(self.previewChanged)
+        self.candidatesChanged.emit()
+        self.referenceTileChanged.emit()
+        self.documentChanged.emit()
+        self.previewChanged.emit()
 
     # ------------------------------------------------------------------ document
     def open_recipe_result(self, result: dict) -> None:
@@ -304,11 +313,12 @@ class AppModel(QObject):
         self.document_source = result["path"]
         self.base_recipe = result["recipe"]
         self.preview = result["image"]
-        self.reference_tile = None
-        emit(self.candidatesChanged)
-        emit(self.referenceTileChanged)
-        emit(self.documentChanged)
-        emit(self.previewChanged)
+        self.reference_tile = result.get("reference_tile")
+        self.working_scale = result.get("working_scale")
+        self.candidatesChanged.emit()
+        self.referenceTileChanged.emit()
+        self.documentChanged.emit()
+        self.previewChanged.emit()
 
     @property
     def has_document(self) -> bool:
@@ -321,13 +331,13 @@ class AppModel(QObject):
         if abs(float(self.x[index]) - u) < 1e-7:
             return
         self.x[index] = u
-        emit(self.parameterEdited, index)
+        self.parameterEdited.emit(index)
 
     def reset_parameters(self) -> None:
         if self.x_fitted is None:
             return
         self.x = self.x_fitted.copy()
-        emit(self.documentChanged)
+        self.documentChanged.emit()
 
     @property
     def edited(self) -> bool:
@@ -341,7 +351,7 @@ class AppModel(QObject):
 
     def set_preview(self, image: np.ndarray) -> None:
         self.preview = image
-        emit(self.previewChanged)
+        self.previewChanged.emit()
 
     def physical_values(self) -> dict[str, float]:
         if not self.has_document:

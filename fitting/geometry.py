@@ -1767,9 +1767,14 @@ def generate_layout(kind: str, params: dict[str, float] | None, size: int, seed:
         raise LibraryError(f"geometry field size must be an integer in [8, 16384], got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise LibraryError(f"geometry seed must be an integer, got {seed!r}")
-    rng = np.random.default_rng(int(seed))
     t0 = time.perf_counter()
-    layout = spec.generator(p, int(size), rng)
+    # Few large agglomerates at low coverage can all land outside a small field; an empty
+    # image is useless to a user, so redraw (deterministically) until something is visible.
+    for attempt in range(8):
+        rng = np.random.default_rng(int(seed) + 7_919_000 * attempt)
+        layout = spec.generator(p, int(size), rng)
+        if layout.n_particles > 0:
+            break
     layout.info["params"] = p
     layout.info["seconds"] = time.perf_counter() - t0
     return layout

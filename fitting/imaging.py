@@ -145,7 +145,8 @@ class SEMModel(ImagingModel):
         bump = dr.select(hit, P["bump"], 0.0)
         n = dr.normalize(mi.Vector3f(g["nx"] - bump * t["slope_x"], g["ny"] - bump * t["slope_y"], g["nz"]))
         cos = dr.maximum(n.z, 0.04)
-        sec = dr.minimum(dr.rcp(cos), 25.0)
+        # Capped: a grazing sample would otherwise add a single-sample speckle on silhouettes.
+        sec = dr.minimum(dr.rcp(cos), 10.0)
         se_yield = 1.0 + P["edge_gain"] * (dr.power(sec, P["edge_power"]) - 1.0)
         albedo = dr.select(hit, P["particle_brightness"] * 2.0 * t["albedo"],
                            P["substrate_brightness"] * 2.0 * t["substrate"])

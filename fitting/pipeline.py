@@ -31,6 +31,7 @@ from .errors import Cancelled, MatfitError
 from .events import CancelToken, EventSink, FitEvent, null_sink
 
 SIZE_PARAMS = ("size_mean", "primary_size", "length_mean", "diameter")
+DENSITY_PARAMS = ("coverage",)
 EVAL_SEEDS = (1001, 1002)
 
 
@@ -162,6 +163,12 @@ class ReferenceTarget:
                                       "tile": center_tile(work, size)}
 
     @property
+    def noise(self) -> float:
+        """Pixel noise std of the reference at the working size of the renders."""
+        size = min(self.by_scale)
+        return estimate_noise(self.by_scale[size]["work"])
+
+    @property
     def scales(self) -> list[int]:
         return list(self.by_scale)
 
@@ -174,18 +181,41 @@ def _emit(sink: EventSink, kind: str, **kw) -> None:
 
 
 def size_variants(material, x0: np.ndarray, search: bool) -> list[np.ndarray]:
+    """The proposal plus a few geometry variants around it: particle size up and down, and
+    sparser/denser packing (geometry is searched, never differentiated)."""
     out = [x0]
     if not search:
         return out
-    for i, s in enumerate(material.specs):
-        if s.name in SIZE_PARAMS:
-            for d in (-0.3, 0.3):
-                x = x0.copy()
-                x[i] = float(np.clip(x0[i] + d, 0.0, 1.0))
-                if abs(x[i] - x0[i]) > 1e-3:
-                    out.append(x)
-            break
+    for names, steps in ((SIZE_PARAMS, (-0.3, 0.3)), (DENSITY_PARAMS, (-0.35, 0.35))):
+        for i, s in enumerate(material.specs):
+            if s.name in names:
+                for d in steps:
+                    x = x0.copy()
+                    x[i] = float(np.clip(x0[i] + d, 0.0, 1.0))
+                    if abs(x[i] - x0[i]) > 1e-3:
+                        out.append(x)
+                break
     return out
+
+
+def estimate_noise(gray: np.ndarray) -> float:
+    """Robust std of pixel noise: MAD of horizontal neighbour differences (noise adds
+    sqrt(2) sigma to a difference, smooth structure adds little to the median)."""
+    d = np.diff(np.asarray(gray, np.float64), axis=1).ravel()
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def match_noise(material, x: np.ndarray, sigma: float) -> np.ndarray:
+    """Start from the reference's measured noise level instead of the material default:
+    read-out noise at the measured sigma, shot noise at its weakest (highest dose)."""
+    x = x.copy()
+    names = material.names
+    if "noise_gauss" in names:
+        s = material.spec("noise_gauss")
+        x[names.index("noise_gauss")] = float(np.clip(s.to_normalized(min(max(sigma, s.min), s.max)), 0, 1))
+    if "noise_dose" in names:
+        x[names.index("noise_dose")] = 1.0
+    return x
 
 
 def match_tone(scene, x: np.ndarray, quantiles: torch.Tensor, seed: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -243,6 +273,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
     sources: dict[str, str] = {}
 
     def consider(mid: str, x: np.ndarray) -> None:
+        x = match_noise(lib[mid], x, target.noise)
         x, img = match_tone(scenes[mid], x, quant, seed)
         with torch.no_grad():
             dvec = desc.describe(img[None, None])

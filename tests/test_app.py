@@ -54,8 +54,22 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
         QTest.qWait(10)
 
 
+def run_queue_wait_s() -> float:
+    """Time this thread has spent runnable but waiting for a CPU (Linux schedstat), else 0."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class StallMeter:
-    """A 10 ms timer; the longest gap between its ticks is the longest event-loop stall."""
+    """A 10 ms timer on the GUI thread; the longest gap between its ticks is the longest stall.
+
+    ``max_gap_s`` is wall clock. ``max_stall_s`` subtracts the time the OS kept the thread
+    waiting for a CPU (other processes on a shared 2-core box): what is left is the event loop
+    being blocked by this process (engine work, GIL, slow handlers), which is what is tested.
+    """
 
     def __init__(self) -> None:
         self.timer = QTimer()
@@ -63,17 +77,20 @@ class StallMeter:
         self.timer.setInterval(10)
         self.timer.timeout.connect(self._tick)
         self.max_gap_s = 0.0
+        self.max_stall_s = 0.0
         self.ticks = 0
-        self._last = 0.0
+        self._last = self._last_wait = 0.0
 
     def start(self) -> None:
-        self._last = time.perf_counter()
+        self._last, self._last_wait = time.perf_counter(), run_queue_wait_s()
         self.timer.start()
 
     def _tick(self) -> None:
-        now = time.perf_counter()
-        self.max_gap_s = max(self.max_gap_s, now - self._last)
-        self._last = now
+        now, wait = time.perf_counter(), run_queue_wait_s()
+        gap = now - self._last
+        self.max_gap_s = max(self.max_gap_s, gap)
+        self.max_stall_s = max(self.max_stall_s, gap - (wait - self._last_wait))
+        self._last, self._last_wait = now, wait
         self.ticks += 1
 
     def stop(self) -> None:
@@ -142,10 +159,12 @@ def fitted(window, dialogs):
     wait_until(lambda: m.progress.state != "running", FIT_TIMEOUT_S, "the fit to end")
     meter.stop()
     seen["seconds"] = time.monotonic() - t0
-    seen["max_stall_s"] = meter.max_gap_s
+    seen["max_stall_s"] = meter.max_stall_s
+    seen["max_gap_s"] = meter.max_gap_s
     seen["ticks"] = meter.ticks
-    print(f"\nfit: {seen['seconds']:.1f} s, max event-loop gap {1000 * meter.max_gap_s:.1f} ms over "
-          f"{meter.ticks} ticks, {seen['previews']} previews, {seen['losses']} iterations")
+    print(f"\nfit: {seen['seconds']:.1f} s, event loop: max stall {1000 * meter.max_stall_s:.1f} ms "
+          f"(wall-clock gap {1000 * meter.max_gap_s:.1f} ms) over {meter.ticks} ticks, "
+          f"{seen['previews']} previews, {seen['losses']} iterations")
     assert m.progress.state == "finished", f"fit ended as {m.progress.state}: {m.progress.message}; {dialogs}"
     return seen
 
@@ -239,6 +258,21 @@ def test_settings_persist_and_list_backbones(qtbot):
     w.apply_settings({"budget_s": 120.0, "iterations": 60, "size": 256, "device": "auto", "backbone": "vgg16-hed"})
 
 
+def test_a_long_session_cannot_exhaust_none_or_true(qtbot):
+    """PySide6 6.12.0 drops a reference to None per void call and to True per emit (Python < 3.12);
+    app.qtfix makes that harmless. Without it this loop aborts the interpreter ('none_dealloc')."""
+    from PySide6.QtWidgets import QLabel
+
+    from app.model import AppModel
+    from app.qtfix import protect_singletons
+    protect_singletons()
+    label, model = QLabel(), AppModel()
+    for i in range(40_000):
+        label.setText("x")
+        model.progressChanged.emit()
+    assert sys.getrefcount(None) > 1000 and sys.getrefcount(True) > 1000
+
+
 def test_bulk_outline_overlay_colours_each_particle():
     image = np.full((8, 8), 100, np.uint8)
     mask = np.zeros((8, 8), np.int32)
@@ -279,7 +313,8 @@ def test_fit_runs_to_the_end_with_live_candidates_and_previews(window, fitted, d
 
 def test_event_loop_never_stalls_during_the_fit(fitted):
     assert fitted["ticks"] > 100
-    assert fitted["max_stall_s"] < MAX_STALL_S, f"event loop stalled {1000 * fitted['max_stall_s']:.0f} ms"
+    assert fitted["max_stall_s"] < MAX_STALL_S, (
+        f"event loop stalled {1000 * fitted['max_stall_s']:.0f} ms (wall clock {1000 * fitted['max_gap_s']:.0f} ms)")
 
 
 def test_linked_views_share_zoom_and_pan(window, fitted):
@@ -344,6 +379,9 @@ def test_export_recipe_and_reopen_it(window, fitted, qtbot, tmp_path):
     qtbot.waitUntil(lambda: m.document_source == str(out) and window.preview_is_current(), timeout=60_000)
     assert m.material.id == material and np.allclose(m.x, x_exported, atol=1e-4)
     assert m.candidates == [] and window.render_view.has_image
+    # the micrograph still open, at the recipe's working scale, beside the render
+    assert window.tile_view.has_image and window.tile_view.image_size == (128, 128)
+    assert m.working_scale == d["reference"]["working_scale"]
     assert window.parameter_panel.sliders[m.material.specs[i].name].value() == 123
 
 
@@ -391,6 +429,7 @@ def test_autosave_is_offered_at_next_start(window, fitted, qtbot):
 def test_cancel_stops_within_a_second_and_leaves_the_window_usable(window, fitted, qtbot):
     m = window.model
     old_pid = window.engine.pid
+    before = (m.material.id, m.preview.copy(), m.reference_tile)
     window.start_fit()
     qtbot.waitUntil(lambda: m.progress.stage in ("describe", "rank", "refine"), timeout=60_000)
     meter = StallMeter()
@@ -400,12 +439,16 @@ def test_cancel_stops_within_a_second_and_leaves_the_window_usable(window, fitte
     assert m.progress.state == "cancelled"                 # the window is usable at once ...
     assert window.fit_action.isEnabled() and not window.cancel_action.isEnabled()
     assert window.parameter_panel.isEnabled()
+    # what was shown before the cancelled fit is back: render, reference tile, parameters
+    assert m.material.id == before[0] and np.array_equal(m.preview, before[1]) and m.reference_tile is before[2]
+    assert window.render_view.has_image and window.preview_is_current()
     qtbot.waitUntil(lambda: not window.engine.busy, timeout=2_000)   # ... and the engine stops
     stopped_after = time.monotonic() - t0
     meter.stop()
     assert stopped_after < 1.6, f"the engine took {stopped_after:.2f} s to stop"
-    assert meter.max_gap_s < MAX_STALL_S
-    print(f"\ncancel: engine free after {stopped_after:.2f} s (pid {old_pid} -> {window.engine.pid})")
+    assert meter.max_stall_s < MAX_STALL_S
+    print(f"\ncancel: engine free after {stopped_after:.2f} s (pid {old_pid} -> {window.engine.pid}), "
+          f"max stall {1000 * meter.max_stall_s:.1f} ms (wall clock {1000 * meter.max_gap_s:.1f} ms)")
     # Usable: an edit renders (in the same or a fresh engine process).
     slider = next(iter(window.parameter_panel.sliders.values()))
     slider.setValue(500 if slider.value() != 500 else 400)

@@ -5,11 +5,11 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..model import Candidate
-from ..qtfix import emit
 from .loss_plot import SERIES_COLOURS
 from .qimage import to_pixmap
 
-THUMB = 96
+THUMB = 84
+CARD_WIDTH = THUMB + 56
 
 
 class CandidateCard(QFrame):
@@ -24,7 +24,6 @@ class CandidateCard(QFrame):
         self.image.setFixedSize(THUMB, THUMB)
         self.image.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.title = QLabel()
-        self.title.setWordWrap(True)
         self.distance = QLabel()
         colour = SERIES_COLOURS[index % len(SERIES_COLOURS)].name()
         self.title.setStyleSheet(f"font-weight: 600; color: {colour};")
@@ -34,15 +33,16 @@ class CandidateCard(QFrame):
         layout.addWidget(self.image, 0, Qt.AlignmentFlag.AlignHCenter)
         layout.addWidget(self.title)
         layout.addWidget(self.distance)
-        self.setFixedWidth(THUMB + 60)
+        self.setFixedWidth(CARD_WIDTH)
         self.set_state(False, False)
 
     def show_candidate(self, c: Candidate) -> None:
         if c.thumbnail is not None:
             self.image.setPixmap(to_pixmap(c.thumbnail).scaled(
                 THUMB, THUMB, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation))
-        self.title.setText(c.material_id)
-        self.title.setToolTip(c.title)
+        self.title.setText(self.title.fontMetrics().elidedText(c.material_id, Qt.TextElideMode.ElideMiddle,
+                                                               CARD_WIDTH - 14))
+        self.title.setToolTip(f"{c.material_id}: {c.title}")
         if c.distance_final is not None:
             self.distance.setText(f"distance {c.distance:.3f} → {c.distance_final:.3f}" if c.distance is not None
                                   else f"distance {c.distance_final:.3f}")
@@ -59,7 +59,7 @@ class CandidateCard(QFrame):
 
     def mouseReleaseEvent(self, event) -> None:  # noqa: N802
         if self._selectable and event.button() == Qt.MouseButton.LeftButton:
-            emit(self.clicked, self.index)
+            self.clicked.emit(self.index)
         super().mouseReleaseEvent(event)
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QPainter, QPen, QTransform
-from PySide6.QtWidgets import (QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene,
-                               QGraphicsSimpleTextItem, QGraphicsView)
+from PySide6.QtWidgets import (QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene, QGraphicsTextItem,
+                               QGraphicsView)
 
-from ..qtfix import emit
 from .qimage import to_pixmap
 
 MAX_DISPLAY_SIDE = 4096   # larger references are shown downsampled (the fit uses every pixel)
@@ -60,6 +59,7 @@ class ImageView(QGraphicsView):
             self._pixmap_item.setPixmap(to_pixmap(np.zeros((1, 1), np.uint8)))
             self._pixmap_item.setVisible(False)
             self._has_image = False
+            self._image_size = (0, 0)
             self.viewport().update()
             return
         h, w = img.shape[:2]
@@ -121,7 +121,7 @@ class ImageView(QGraphicsView):
 
     def _changed(self) -> None:
         if not self._syncing:
-            emit(self.viewChanged)
+            self.viewChanged.emit()
 
     def follow(self, other: "ImageView") -> None:
         """Take ``other``'s zoom and the scene point at its centre (a linked view)."""
@@ -163,12 +163,11 @@ class ReferenceView(ImageView):
         self._bar_item = QGraphicsRectItem()
         self._bar_item.setBrush(QBrush(QColor(220, 60, 60, 70)))
         self._bar_item.setPen(QPen(QColor(230, 80, 80), 0))
-        self._bar_label = QGraphicsSimpleTextItem("data bar (not fitted)")
-        self._bar_label.setBrush(QColor(235, 50, 50))   # readable on white and on black bars
-        font = self._bar_label.font()
-        font.setBold(True)
-        self._bar_label.setFont(font)
-        self._bar_label.setFlag(QGraphicsSimpleTextItem.GraphicsItemFlag.ItemIgnoresTransformations)
+        # Rich text for a solid background: readable over the bar's own text, white or black.
+        self._bar_label = QGraphicsTextItem()
+        self._bar_label.setHtml("<span style='background-color:#2a2a2e; color:#ff7070; font-weight:600'>"
+                                "&nbsp;data bar — not fitted&nbsp;</span>")
+        self._bar_label.setFlag(QGraphicsTextItem.GraphicsItemFlag.ItemIgnoresTransformations)
         self._detected_item = QGraphicsRectItem()
         pen = QPen(QColor(90, 200, 120), 0, Qt.PenStyle.DashLine)
         pen.setCosmetic(True)
@@ -201,7 +200,7 @@ class ReferenceView(ImageView):
             self._bar_label.setVisible(bar_detected)
             if bar_detected:
                 self._bar_item.setRect(QRectF(0, y1, w, h - y1))
-                self._bar_label.setPos(8, y1 + 4)
+                self._bar_label.setPos(0, y1)
         if roi is not None:
             x0, y0, x1, y1 = roi
             self._roi_item.setRect(QRectF(x0, y0, x1 - x0, y1 - y0))
@@ -237,7 +236,7 @@ class ReferenceView(ImageView):
             r = self._rubber_item.rect()
             self._rubber_item.setVisible(False)
             self._drag_origin = None
-            emit(self.roiDrawn, (int(r.left()), int(r.top()), int(r.right()), int(r.bottom())))
+            self.roiDrawn.emit((int(r.left()), int(r.top()), int(r.right()), int(r.bottom())))
             event.accept()
             return
         super().mouseReleaseEvent(event)

@@ -14,7 +14,7 @@ class LossPlot(QWidget):
         self._series: list[list[float]] = []
         self._labels: list[str] = []
         self.highlight: int | None = None
-        self.setMinimumSize(220, 120)
+        self.setMinimumSize(180, 120)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setToolTip("Refinement loss per iteration (descriptor distance + gray-level term)")
 
@@ -47,7 +47,8 @@ class LossPlot(QWidget):
         p.fillRect(self.rect(), QColor(30, 30, 33))
         fm = p.fontMetrics()
         left = fm.horizontalAdvance("0.0000") + 10
-        plot = QRectF(left, 10, self.width() - left - 10, self.height() - 20 - fm.height())
+        top = fm.height() + 8   # one legend line above the plot: never over the curves
+        plot = QRectF(left, top, self.width() - left - 10, self.height() - top - 8 - fm.height())
         p.setPen(QPen(QColor(80, 80, 86), 1))
         p.drawRect(plot)
         values = [v for s in self._series for v in s]
@@ -87,14 +88,16 @@ class LossPlot(QWidget):
                 for i, v in enumerate(s[1:], 1):
                     path.lineTo(at(i, v))
                 p.drawPath(path)
-        # legend
-        y = plot.top() + 4
+        # legend: one line above the plot, as many entries as fit (the candidate cards beside
+        # the plot carry the same colours)
+        x = plot.left()
         for k, label in enumerate(self._labels):
             if not label or not self._series[k]:
                 continue
+            if x + 16 + fm.horizontalAdvance(label) > self.width() - 4:
+                break
             colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
-            x = plot.right() - fm.horizontalAdvance(label) - 22
-            p.fillRect(QRectF(x, y + fm.height() / 2 - 2, 12, 4), colour)
+            p.fillRect(QRectF(x, 4 + fm.height() / 2 - 2, 12, 4), colour)
             p.setPen(QColor(210, 210, 215))
-            p.drawText(QPointF(x + 16, y + fm.ascent()), label)
-            y += fm.height() + 2
+            p.drawText(QPointF(x + 16, 4 + fm.ascent()), label)
+            x += 16 + fm.horizontalAdvance(label) + 14

@@ -9,6 +9,8 @@ from PySide6.QtWidgets import (QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPus
 from ..model import AppModel, ParamInfo
 
 SLIDER_STEPS = 1000
+NAME_WIDTH = 128
+VALUE_WIDTH = 84
 
 
 def format_value(spec: ParamInfo, value: float) -> str:
@@ -51,6 +53,7 @@ class ParameterPanel(QWidget):
         self._groups_layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)   # sliders shrink instead
         scroll.setWidget(self._groups_host)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
 
@@ -100,18 +103,23 @@ class ParameterPanel(QWidget):
             grid.setColumnStretch(1, 1)
             for row, i in enumerate(indices):
                 spec = m.material.specs[i]
-                name = QLabel(spec.name.replace("_", " ") + (" •" if spec.refine else ""))
+                text = spec.name.replace("_", " ") + (" •" if spec.refine else "")
+                name = QLabel()
+                # Fixed name and value columns: the sliders line up across the groups.
+                name.setFixedWidth(NAME_WIDTH)
+                name.setText(name.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, NAME_WIDTH))
                 tip = f"{spec.description}\n" if spec.description else ""
                 tip += f"range {spec.min:g} .. {spec.max:g} {spec.unit} ({spec.scale})"
                 tip += "\n• refined by the fit" if spec.refine else "\nchosen by the fit's search, not refined"
-                name.setToolTip(tip)
+                name.setToolTip(f"{spec.name}: {tip}")
                 slider = QSlider(Qt.Orientation.Horizontal)
                 slider.setRange(0, SLIDER_STEPS)
                 slider.setObjectName(f"param_{spec.name}")
                 slider.setToolTip(tip)
                 slider.valueChanged.connect(lambda v, i=i: self.model.set_parameter(i, v / SLIDER_STEPS))
+                slider.setMinimumWidth(60)
                 value = QLabel()
-                value.setMinimumWidth(80)
+                value.setFixedWidth(VALUE_WIDTH)
                 value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 grid.addWidget(name, row, 0)
                 grid.addWidget(slider, row, 1)

@@ -1,0 +1,195 @@
+"""Fit quality and speed on synthetic targets and on the real reference micrographs.
+
+    .venv/bin/python benchmarks/bench_fit.py synthetic [--count 30] [--budget 45]
+    .venv/bin/python benchmarks/bench_fit.py real [--budget 120] [--refs ../shared/reference-images]
+    .venv/bin/python benchmarks/bench_fit.py speed
+
+synthetic: targets rendered from `matfit sample`-style recipes (materials round-robin, random
+  parameters around the defaults, target layout/render seeds different from the fit's) at
+  512 px; reports the share whose true material is ranked 1st and in the top 3, the
+  normalised parameter error (mean |x - x_true| over the refinable parameters of the true
+  material, when it was a candidate) of the initial guess vs the refined result, the
+  descriptor distance initial vs refined, and the time per fit.
+real: every reference image: descriptor distance of the fit vs the best library default
+  (each material at its defaults, no tone matching) vs the initial guess alone, plus a
+  side-by-side PNG (reference | fit) per image in results/fits/.
+speed: seconds per refinement iteration, split into graph, render, descriptor forward and
+  backward.
+Results go to benchmarks/results/fit_<mode>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    from fitting.runtime import runtime_info
+    info = runtime_info()
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "variant": info.variant if info else None,
+            "threads": info.threads if info else None, "load_average_at_end": os.getloadavg()}
+
+
+def synthetic(args) -> dict:
+    from fitting.images import load_reference
+    from fitting.library import load_library
+    from fitting.pipeline import FitOptions, fit_reference
+    from fitting.recipe import atomic_save_png
+    from fitting.scene import MaterialScene, RenderSettings
+    lib = load_library()
+    ids = sorted(lib)
+    tmp = RESULTS / "synthetic_targets"
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(args.count):
+        mid = ids[i % len(ids)]
+        mat = lib[mid]
+        rng = np.random.default_rng(1000 + i)
+        x_true = mat.random_vector(rng)
+        scene = MaterialScene(mat, RenderSettings(size=512, spp=8, layout_seed=50_000 + i))
+        img = scene.render_numpy(x_true, seed=70_000 + i)
+        path = tmp / f"target_{i:02d}_{mid}.png"
+        atomic_save_png(path, img)
+        t0 = time.time()
+        res = fit_reference(load_reference(path), FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations))
+        dt = time.time() - t0
+        ranked = [r["material"] for r in res.ranking]
+        row = {"target": path.name, "material": mid, "rank_of_true": ranked.index(mid) + 1,
+               "best": res.best.material_id, "seconds": round(dt, 1),
+               "distance_initial": res.best.distance_initial, "distance_final": res.best.distance_final}
+        true_c = next((c for c in res.candidates if c.material_id == mid), None)
+        if true_c is not None:
+            m = mat.refine_mask()
+            row["param_error_initial"] = float(np.abs(true_c.x_initial - x_true)[m].mean())
+            row["param_error_refined"] = float(np.abs(true_c.x_final - x_true)[m].mean())
+            row["true_distance_initial"] = true_c.distance_initial
+            row["true_distance_final"] = true_c.distance_final
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path.unlink()
+    with_true = [r for r in rows if "param_error_initial" in r]
+    summary = {
+        "targets": len(rows),
+        "true_material_top1": sum(r["rank_of_true"] == 1 for r in rows) / len(rows),
+        "true_material_top3": sum(r["rank_of_true"] <= 3 for r in rows) / len(rows),
+        "best_is_true": sum(r["best"] == r["material"] for r in rows) / len(rows),
+        "param_error_initial_mean": statistics.mean(r["param_error_initial"] for r in with_true) if with_true else None,
+        "param_error_refined_mean": statistics.mean(r["param_error_refined"] for r in with_true) if with_true else None,
+        "distance_initial_mean": statistics.mean(r["distance_initial"] for r in rows),
+        "distance_final_mean": statistics.mean(r["distance_final"] for r in rows),
+        "seconds_per_fit_mean": statistics.mean(r["seconds"] for r in rows),
+    }
+    return {"mode": "synthetic", "budget_s": args.budget, "summary": summary, "rows": rows}
+
+
+def real(args) -> dict:
+    from fitting.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.images import load_reference
+    from fitting.library import load_library
+    from fitting.pipeline import FitOptions, ReferenceTarget, fit_reference
+    from fitting.recipe import atomic_save_png
+    from fitting.scene import MaterialScene, RenderSettings
+    refs = sorted(p for p in Path(args.refs).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif"))
+    lib = load_library()
+    desc = TextureDescriptor()
+    (RESULTS / "fits").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in refs:
+        ref = load_reference(p)
+        opts = FitOptions(budget_s=args.budget, seed=0, iterations=args.iterations)
+        target = ReferenceTarget(ref, desc, opts.scales, opts.size)
+        defaults = {}
+        for mid, mat in lib.items():
+            scene = MaterialScene(mat, RenderSettings(size=opts.size, spp=opts.spp, layout_seed=0))
+            with torch.no_grad():
+                dv = desc.describe(scene.render(torch.as_tensor(mat.default_vector()), seed=1001)[None, None])
+            defaults[mid] = min(float(descriptor_distance(dv, target.by_scale[s]["descriptor"]).mean())
+                                for s in target.scales)
+        t0 = time.time()
+        res = fit_reference(ref, opts)
+        dt = time.time() - t0
+        side = np.concatenate([res.reference_tile, np.ones((opts.size, 4), np.float32), res.preview], axis=1)
+        png = RESULTS / "fits" / f"{p.stem}.png"
+        atomic_save_png(png, side)
+        best_default = min(defaults, key=defaults.get)
+        row = {"reference": p.name, "best": res.best.material_id, "scale": res.best.scale,
+               "distance_fit": res.best.distance_final, "distance_initial_guess": res.best.distance_initial,
+               "best_default_material": best_default, "distance_best_default": defaults[best_default],
+               "fit_beats_best_default": res.best.distance_final < defaults[best_default],
+               "fit_beats_initial_guess": res.best.distance_final < res.best.distance_initial,
+               "top3": [c.summary() for c in res.candidates], "seconds": round(dt, 1),
+               "side_by_side": str(png.relative_to(ROOT))}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in row if k != "top3"}), flush=True)
+    return {"mode": "real", "budget_s": args.budget, "rows": rows}
+
+
+def speed(args) -> dict:
+    from fitting.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.library import load_library
+    from fitting.scene import MaterialScene, RenderSettings
+    desc = TextureDescriptor()
+    out = {}
+    for mid in ("sem_sintered_agglomerates", "tem_carbon_black", "optical_emulsion_droplets"):
+        mat = load_library()[mid]
+        scene = MaterialScene(mat, RenderSettings(size=256, spp=4, layout_seed=0))
+        x0 = torch.as_tensor(mat.default_vector())
+        target = desc.describe(scene.render(x0, seed=99).detach()[None, None])
+        t = {"graph": [], "render": [], "descriptor_forward": [], "backward": [], "total": []}
+        for it in range(args.repeats + 2):
+            x = x0.clone().requires_grad_(True)
+            a = time.perf_counter()
+            parts = scene.split(x)
+            maps = scene.maps(parts["graph"], it)
+            b = time.perf_counter()
+            r = scene.renderer(parts["geometry"])
+            img = scene.model.post(r.render(maps, parts["shade"], it, parts["trace"]), parts["post"], it)
+            float(img.detach().mean())
+            c = time.perf_counter()
+            loss = descriptor_distance(desc.describe(img[None, None]), target).mean()
+            d = time.perf_counter()
+            loss.backward()
+            e = time.perf_counter()
+            if it >= 2:  # warm
+                for k, v in zip(t, (b - a, c - b, d - c, e - d, e - a)):
+                    t[k].append(v)
+        out[mid] = {k: round(statistics.median(v), 4) for k, v in t.items()}
+        out[mid]["iterations_per_s"] = round(1.0 / out[mid]["total"], 2)
+        print(mid, out[mid], flush=True)
+    return {"mode": "speed", "size": 256, "spp": 4, "materials": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["synthetic", "real", "speed"])
+    ap.add_argument("--count", type=int, default=30)
+    ap.add_argument("--budget", type=float, default=60.0)
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--refs", default=str(ROOT.parent / "shared" / "reference-images"))
+    args = ap.parse_args()
+    from fitting.runtime import init_mitsuba
+    init_mitsuba()
+    res = {"synthetic": synthetic, "real": real, "speed": speed}[args.mode](args)
+    res["machine"] = machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"fit_{args.mode}.json"
+    out.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
