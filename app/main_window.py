@@ -237,7 +237,7 @@ class MainWindow(QMainWindow):
         mv = QVBoxLayout(middle)
         mv.setContentsMargins(6, 6, 6, 6)
         mv.addLayout(pair, 5)
-        mv.addWidget(_label("Candidates and loss"))
+        mv.addWidget(_label("Candidates (distance to the reference) and refinement loss"))
         mv.addLayout(bottom, 2)
 
         # --- right: parameters

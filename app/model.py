@@ -352,8 +352,3 @@ class AppModel(QObject):
     def set_preview(self, image: np.ndarray) -> None:
         self.preview = image
         self.previewChanged.emit()
-
-    def physical_values(self) -> dict[str, float]:
-        if not self.has_document:
-            return {}
-        return {s.name: s.physical(u) for s, u in zip(self.material.specs, self.x)}

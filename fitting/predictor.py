@@ -82,7 +82,7 @@ def reduce_descriptor(desc: torch.Tensor, part_slices: dict[str, slice]) -> torc
 
 # ------------------------------------------------------------------------- network
 class PredictorNet(nn.Module):
-    def __init__(self, n_in: int, n_out: int, hidden: int = 256, dropout: float = 0.1) -> None:
+    def __init__(self, n_in: int, n_out: int, hidden: int = 128, dropout: float = 0.25) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
@@ -248,7 +248,7 @@ def load_dataset(material, backbone: str, size: int, limit: int | None = None) -
 
 # ------------------------------------------------------------------------- training
 def train_predictor(material, x: np.ndarray, f: np.ndarray, part_slices: dict[str, slice], backbone: str,
-                    epochs: int = 300, hidden: int = 256, seed: int = 0, holdout: float = 0.15,
+                    epochs: int = 300, hidden: int = 128, seed: int = 0, holdout: float = 0.15,
                     save: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Train, evaluate on a held-out split, save weights + metadata. Returns the metadata."""
     from .library import LIBRARY_VERSION
@@ -264,33 +264,45 @@ def train_predictor(material, x: np.ndarray, f: np.ndarray, part_slices: dict[st
     test, train = perm[:n_test], perm[n_test:]
     X = torch.as_tensor(f, dtype=torch.float32)
     Y = torch.as_tensor(x, dtype=torch.float32)
-    mean = X[train].mean(0)
-    std = X[train].std(0) + 1e-4
+    # Early stopping on an inner validation split of the training part (the held-out test
+    # split is only used for the final report).
+    n_val = max(2, int(round(0.12 * len(train))))
+    val, fit_idx = train[:n_val], train[n_val:]
+    mean = X[fit_idx].mean(0)
+    std = X[fit_idx].std(0) + 1e-4
     Xn = (X - mean) / std
-    net = PredictorNet(X.shape[1], Y.shape[1], hidden)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-3)
+    net = PredictorNet(X.shape[1], Y.shape[1], hidden, dropout=0.25)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    bs = min(128, len(train))
+    bs = min(128, len(fit_idx))
     t0 = time.time()
+    best_val, best_state, best_epoch = float("inf"), None, 0
     for ep in range(epochs):
         net.train()
-        order = torch.as_tensor(rng.permutation(train))
+        order = torch.as_tensor(rng.permutation(fit_idx))
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
-            # small feature noise = augmentation against render noise in the descriptor
-            inp = Xn[idx] + 0.05 * torch.randn_like(Xn[idx])
+            # feature noise = augmentation against render noise in the descriptor
+            inp = Xn[idx] + 0.1 * torch.randn_like(Xn[idx])
             loss = (net(inp) - Y[idx]).abs().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
+        net.eval()
+        with torch.no_grad():
+            v = float((net(Xn[val]) - Y[val]).abs().mean())
+        if v < best_val:
+            best_val, best_epoch = v, ep + 1
+            best_state = {k: t.clone() for k, t in net.state_dict().items()}
         if log and (ep + 1) % max(1, epochs // 5) == 0:
-            log(f"epoch {ep + 1}/{epochs}: train L1 {float(loss):.4f}")
+            log(f"epoch {ep + 1}/{epochs}: train L1 {float(loss):.4f}, validation L1 {v:.4f}")
+    net.load_state_dict(best_state)
     net.eval()
     with torch.no_grad():
         pred = net(Xn[test]).numpy()
     y_test = x[test]
-    base = np.abs(y_test - x[train].mean(0)).mean(0)
+    base = np.abs(y_test - x[fit_idx].mean(0)).mean(0)
     err = np.abs(pred - y_test).mean(0)
     per_param = {s.name: {"mae": float(e), "mean_baseline": float(b), "group": s.group}
                  for s, e, b in zip(material.specs, err, base)}
@@ -302,7 +314,7 @@ def train_predictor(material, x: np.ndarray, f: np.ndarray, part_slices: dict[st
     meta = {"format": PREDICTOR_FORMAT, "material": material.id, "content_hash": material.content_hash,
             "library_version": LIBRARY_VERSION, "backbone": backbone, "samples": int(n),
             "train_samples": int(len(train)), "heldout_samples": int(n_test), "epochs": epochs,
-            "hidden": hidden, "features": int(X.shape[1]),
+            "hidden": hidden, "features": int(X.shape[1]), "best_epoch": best_epoch,
             "part_slices": {k: [s.start, s.stop] for k, s in part_slices.items()},
             "heldout_mae": float(err.mean()), "heldout_mean_baseline": float(base.mean()),
             "per_group": per_group, "per_parameter": per_param, "train_seconds": round(time.time() - t0, 1)}

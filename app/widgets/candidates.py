@@ -43,13 +43,14 @@ class CandidateCard(QFrame):
         self.title.setText(self.title.fontMetrics().elidedText(c.material_id, Qt.TextElideMode.ElideMiddle,
                                                                CARD_WIDTH - 14))
         self.title.setToolTip(f"{c.material_id}: {c.title}")
-        if c.distance_final is not None:
-            self.distance.setText(f"distance {c.distance:.3f} → {c.distance_final:.3f}" if c.distance is not None
-                                  else f"distance {c.distance_final:.3f}")
+        if c.distance_final is not None and c.distance is not None:
+            self.distance.setText(f"{c.distance:.3f} → {c.distance_final:.3f}")
         elif c.distance is not None:
-            self.distance.setText(f"distance {c.distance:.3f}")
-        scale = f" at {c.scale} px" if c.scale else ""
-        self.setToolTip(f"{c.title}\nranking distance {c.distance}{scale}")
+            self.distance.setText(f"{c.distance:.3f}")
+        scale = f" at the {c.scale} px working scale" if c.scale else ""
+        self.setToolTip(f"{c.material_id}: {c.title}\ndescriptor distance to the reference{scale}"
+                        + ("\n(before → after refinement, on the fit's evaluation seeds)"
+                           if c.distance_final is not None else "\n(ranking)"))
 
     def set_state(self, active: bool, selectable: bool) -> None:
         border = "#e0b040" if active else "#3a3a40"

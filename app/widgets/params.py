@@ -2,7 +2,7 @@
 imaging, one slider each (over the normalised [0, 1] range the fit works in)."""
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSlider,
                                QVBoxLayout, QWidget)
 
@@ -27,8 +27,6 @@ def format_value(spec: ParamInfo, value: float) -> str:
 
 class ParameterPanel(QWidget):
     """Edits :attr:`AppModel.x` through the model; rebuilt when the material changes."""
-
-    resetClicked = Signal()
 
     def __init__(self, model: AppModel, parent=None) -> None:
         super().__init__(parent)
