@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import sys
+
 import numpy as np
-import torch
 
 from .errors import LibraryError
 
@@ -53,7 +54,8 @@ class ParamSpec:
     # normalised <-> physical ------------------------------------------------------
     def to_physical(self, u):
         """u in [0,1] (float or tensor, differentiable) -> physical value."""
-        if isinstance(u, torch.Tensor):
+        torch = sys.modules.get("torch")  # lazy: the window uses specs without loading torch
+        if torch is not None and isinstance(u, torch.Tensor):
             u = torch.clamp(u, 0.0, 1.0)
             if self.scale == "log":
                 v = self.min * torch.exp(u * math.log(self.max / self.min))

@@ -128,7 +128,7 @@ def sorted_pixels(img: torch.Tensor, n: int = 4096) -> torch.Tensor:
 class ReferenceTarget:
     """The reference described at several working scales (descriptor + gray-level quantiles)."""
 
-    def __init__(self, ref, descriptor, scales, size) -> None:
+    def __init__(self, ref, descriptor, scales, size, cancel: CancelToken | None = None) -> None:
         self.ref = ref
         self.size = size
         self.by_scale: dict[int, dict[str, Any]] = {}
@@ -140,6 +140,8 @@ class ReferenceTarget:
             mask_full = ref.valid_mask[y0:y1, x0:x1]
         used = []
         for s in scales:
+            if cancel is not None:
+                cancel.check("the fit")
             s = int(min(s, longest))
             if s in used or s < size * 0.75:
                 continue
@@ -362,7 +364,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     t0 = time.time()
     _emit(sink, "stage", stage="describe", message="describing the reference", progress=0.02)
     desc = TextureDescriptor(opts.backbone, work_size=opts.size)
-    target = ReferenceTarget(ref, desc, opts.scales, opts.size)
+    target = ReferenceTarget(ref, desc, opts.scales, opts.size, cancel)
     timings["describe"] = time.time() - t0
     cancel.check("the fit")
 
