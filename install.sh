@@ -54,6 +54,6 @@ say "checking the installation (matfit doctor)"
 if ((RUN_EXAMPLE)); then
   say "fitting the bundled example reference resources/examples/example_sem.png -> example_fit/"
   .venv/bin/matfit fit resources/examples/example_sem.png -o example_fit/recipe.json \
-      --save-preview example_fit/fit.png --budget 90
+      --save-preview example_fit/fit.png --budget 120
   say "done: example_fit/recipe.json, example_fit/fit.png; start the window with .venv/bin/matfit-gui"
 fi

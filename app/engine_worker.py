@@ -68,9 +68,7 @@ def material_info(material) -> dict:
     """What the window needs to build a parameter panel for a material (no torch objects)."""
     return {"id": material.id, "title": material.title, "imaging": material.imaging,
             "geometry": material.geometry_kind,
-            "specs": [{"name": s.name, "group": s.group, "min": s.min, "max": s.max, "default": s.default,
-                       "unit": s.unit, "scale": s.scale, "refine": bool(s.refine), "integer": bool(s.integer),
-                       "description": s.description} for s in material.specs]}
+            "specs": [s.to_dict() for s in material.specs]}
 
 
 def export_scene_function():

@@ -6,7 +6,6 @@ options. Engine replies and FitEvents are applied here; every change is announce
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -14,8 +13,8 @@ import numpy as np
 from PySide6.QtCore import QObject, Signal
 
 from fitting.images import ReferenceImage
+from fitting.params import GROUPS, ParamSpec
 
-GROUPS = ("surface", "geometry", "lighting", "imaging")   # fitting.params.GROUPS, in panel order
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image pixels
 
@@ -24,29 +23,9 @@ Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image p
 DEFAULT_FIT_OPTIONS: dict = {"budget_s": 120.0, "iterations": 60, "size": 256, "preview_every": 1}
 
 
-@dataclass
-class ParamInfo:
-    """One parameter spec as sent by the engine (fitting.params.ParamSpec, minus torch)."""
-    name: str
-    group: str
-    min: float
-    max: float
-    default: float
-    unit: str = ""
-    scale: str = "linear"
-    refine: bool = True
-    integer: bool = False
-    description: str = ""
-
-    def physical(self, u: float) -> float:
-        """Normalised [0, 1] -> physical value; the same mapping as ParamSpec.to_physical
-        (repeated here because fitting.params imports torch, which the window does not need)."""
-        u = min(max(float(u), 0.0), 1.0)
-        if self.scale == "log":
-            v = self.min * math.exp(u * math.log(self.max / self.min))
-        else:
-            v = self.min + u * (self.max - self.min)
-        return float(round(v)) if self.integer else v
+# The engine's own spec class: the window maps normalised values to physical ones exactly as
+# the fit did (fitting.params does not load torch).
+ParamInfo = ParamSpec
 
 
 @dataclass

@@ -258,13 +258,14 @@ def match_tone(scene, x: np.ndarray, quantiles: torch.Tensor, seed: int) -> tupl
 
 
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
-                   cancel: CancelToken) -> list[dict]:
+                   cancel: CancelToken, search_deadline: float = math.inf) -> list[dict]:
     """Propose, tone-match, render and describe every material; search sizes for the best.
 
     Stage A: each material's proposal (predictor or defaults) at every scale.
     Stage B: for the best half of the materials, particle sizes around the proposal.
     Every render is compared with the reference at every working scale; each material keeps
-    its best (scale, size) combination. Returns the ranking, best first.
+    its best (scale, size) combination. Stage B stops at ``search_deadline`` (time.time())
+    so ranking cannot eat the refinement's budget. Returns the ranking, best first.
     """
     from .descriptor import descriptor_distance
     from .predictor import load_predictor
@@ -306,6 +307,9 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         order = sorted(best, key=lambda m: best[m]["distance"])[:max(opts.top_k, (n + 1) // 2)]
         for i, mid in enumerate(order):
             cancel.check("the fit")
+            if time.time() > search_deadline:
+                _emit(sink, "log", stage="rank", message="size search stopped: its share of the budget is used")
+                break
             x0 = proposals[mid][best[mid]["scale"]]
             for x in size_variants(lib[mid], x0, True)[1:]:
                 consider(mid, x)
@@ -373,7 +377,9 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     _emit(sink, "stage", stage="rank", message=f"rendering {len(lib)} library materials", progress=0.05)
     scenes = {mid: MaterialScene(mat, RenderSettings(size=opts.size, spp=opts.spp, layout_seed=opts.seed))
               for mid, mat in lib.items()}
-    ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel)
+    # Ranking may use up to 35 % of the budget; the rest is refinement's.
+    ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
+                             search_deadline=t_start + 0.35 * opts.budget_s)
     top = ranking[:opts.top_k]
     timings["rank"] = time.time() - t0
     _emit(sink, "candidates", stage="rank", progress=0.25,

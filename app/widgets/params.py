@@ -135,11 +135,11 @@ class ParameterPanel(QWidget):
             return
         spec = m.material.specs[i]
         label = self._value_labels[i]
-        label.setText(format_value(spec, spec.physical(float(m.x[i]))))
+        label.setText(format_value(spec, spec.to_physical(float(m.x[i]))))
         fitted = m.x_fitted is not None and abs(float(m.x[i]) - float(m.x_fitted[i])) < 1e-6
         label.setStyleSheet("" if fitted else "color: #e0b040;")
         label.setToolTip("" if m.x_fitted is None else
-                         f"fitted: {format_value(spec, spec.physical(float(m.x_fitted[i])))}")
+                         f"fitted: {format_value(spec, spec.to_physical(float(m.x_fitted[i])))}")
         self._update_header()
 
     def _update_header(self) -> None:
