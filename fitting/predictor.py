@@ -99,6 +99,10 @@ class Predictor:
     mean: torch.Tensor
     std: torch.Tensor
     meta: dict
+    # Per parameter: trust the network only where it beat the mean predictor on the held-out
+    # split; elsewhere use the material default (the centre of the training distribution).
+    trusted: np.ndarray | None = None
+    fallback: np.ndarray | None = None
 
     @property
     def backbone(self) -> str:
@@ -110,8 +114,10 @@ class Predictor:
         f = reduce_descriptor(desc.reshape(1, -1), part_slices)
         with torch.no_grad():
             self.net.eval()
-            y = self.net((f - self.mean) / self.std)[0]
-        return y.numpy().astype(np.float32)
+            y = self.net((f - self.mean) / self.std)[0].numpy().astype(np.float32)
+        if self.trusted is not None and self.fallback is not None:
+            y = np.where(self.trusted, y, self.fallback).astype(np.float32)
+        return y
 
 
 def predictor_status(material) -> str:
@@ -147,7 +153,11 @@ def load_predictor(material, backbone: str | None = None, on_warning: Callable[[
         (on_warning or warnings.warn)(f"predictor of '{material.id}' predicts {state['n_out']} parameters, "
                                       f"the material has {len(material.specs)}: not used")
         return None
-    return Predictor(material.id, net, state["mean"], state["std"], meta)
+    per = meta.get("per_parameter", {})
+    trusted = np.array([per.get(s.name, {}).get("mae", 1.0) < per.get(s.name, {}).get("mean_baseline", 0.0)
+                        for s in material.specs])
+    return Predictor(material.id, net, state["mean"], state["std"], meta, trusted=trusted,
+                     fallback=material.default_vector())
 
 
 # ------------------------------------------------------------------------- data sets
