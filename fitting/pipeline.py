@@ -175,6 +175,20 @@ class ReferenceTarget:
         return list(self.by_scale)
 
 
+class MonotoneProgress:
+    """Wraps a listener so overall progress never goes backwards (events that carry no
+    progress of their own, such as log lines, inherit the last value)."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self.progress = 0.0
+
+    def __call__(self, ev: FitEvent) -> None:
+        self.progress = max(self.progress, ev.progress)
+        ev.progress = self.progress
+        self.sink(ev)
+
+
 def _emit(sink: EventSink, kind: str, **kw) -> None:
     try:
         sink(FitEvent(kind=kind, **kw))
@@ -325,7 +339,7 @@ def fit_reference(reference, options: FitOptions | None = None, on_event: EventS
     Raises Cancelled when ``cancel`` fires (within one iteration), MatfitError on bad input.
     """
     opts = options or FitOptions()
-    sink = on_event or null_sink
+    sink = MonotoneProgress(on_event or null_sink)
     cancel = cancel or CancelToken()
     try:
         return _fit(reference, opts, sink, cancel, library)
