@@ -309,8 +309,10 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         sources[mid] = "predictor" if pred is not None else "defaults"
         proposals[mid] = {s: (pred.predict(target.by_scale[s]["descriptor"]) if pred is not None
                               else mat.default_vector()) for s in target.scales}
-        seen = set()
+        seen: set[bytes] = set()
         for s in target.scales:
+            if seen and time.time() > search_deadline:
+                break   # out of ranking time: one proposal per material from here on
             key = np.round(proposals[mid][s], 4).tobytes()
             if key not in seen:
                 seen.add(key)
