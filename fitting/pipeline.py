@@ -125,16 +125,6 @@ def sorted_pixels(img: torch.Tensor, n: int = 4096) -> torch.Tensor:
     return torch.sort(flat)[0]
 
 
-def flat_distance(descriptor, ref_desc: torch.Tensor, mean: float, size: int) -> float:
-    """Descriptor distance of a flat image at the reference's mean gray level: what matching
-    nothing at all scores at this scale. Zoomed-in, mostly smooth reference scales have a small
-    one, so raw distances would always prefer them (and mostly empty renders)."""
-    from .descriptor import descriptor_distance
-    with torch.no_grad():
-        flat = torch.full((1, 1, size, size), float(mean))
-        return float(descriptor_distance(descriptor.describe(flat), ref_desc).mean())
-
-
 class ReferenceTarget:
     """The reference described at several working scales (descriptor + gray-level quantiles)."""
 
@@ -166,15 +156,13 @@ class ReferenceTarget:
             vals = work[mask] if mask is not None else work.reshape(-1)
             q = torch.as_tensor(np.quantile(vals, np.linspace(0, 1, 4096)).astype(np.float32))
             self.by_scale[s] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
-                                "tile": center_tile(work, size),
-                                "flat": flat_distance(descriptor, desc.detach(), float(vals.mean()), size)}
+                                "tile": center_tile(work, size)}
         if not self.by_scale:  # image smaller than every scale: use it as it is
             work = ref.working(max_side=longest)
             desc = descriptor.describe_reference(work)
             q = torch.as_tensor(np.quantile(work, np.linspace(0, 1, 4096)).astype(np.float32))
             self.by_scale[longest] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
-                                      "tile": center_tile(work, size),
-                                      "flat": flat_distance(descriptor, desc.detach(), float(work.mean()), size)}
+                                      "tile": center_tile(work, size)}
 
     @property
     def noise(self) -> float:
@@ -308,13 +296,10 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             dvec = desc.describe(img[None, None])
         for s in target.scales:
             d = float(descriptor_distance(dvec, target.by_scale[s]["descriptor"]).mean())
-            # Rank by distance relative to a flat image at this scale (< 1: better than nothing).
-            rel = d / max(target.by_scale[s]["flat"], 1e-6)
-            if mid not in best or rel < best[mid]["relative"]:
+            if mid not in best or d < best[mid]["distance"]:
                 mat = lib[mid]
                 best[mid] = {"material": mid, "title": mat.title, "imaging": mat.imaging, "distance": d,
-                             "relative": rel, "scale": s, "x": x.copy(), "source": sources[mid],
-                             "img": img.numpy()}
+                             "scale": s, "x": x.copy(), "source": sources[mid], "img": img.numpy()}
 
     n = len(lib)
     for i, (mid, mat) in enumerate(lib.items()):
@@ -335,7 +320,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         _emit(sink, "log", stage="rank", progress=0.05 + 0.12 * (i + 1) / n,
               message=f"{mid}: distance {best[mid]['distance']:.4f} at scale {best[mid]['scale']}")
     if opts.search_sizes:
-        order = sorted(best, key=lambda m: best[m]["relative"])[:max(opts.top_k, (n + 1) // 2)]
+        order = sorted(best, key=lambda m: best[m]["distance"])[:max(opts.top_k, (n + 1) // 2)]
         for i, mid in enumerate(order):
             cancel.check("the fit")
             if time.time() > search_deadline:
@@ -346,7 +331,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
                 consider(mid, x)
             _emit(sink, "log", stage="rank", progress=0.17 + 0.08 * (i + 1) / len(order),
                   message=f"{mid}: size search -> distance {best[mid]['distance']:.4f}")
-    return sorted(best.values(), key=lambda r: r["relative"])
+    return sorted(best.values(), key=lambda r: r["distance"])
 
 
 def fit_reference(reference, options: FitOptions | None = None, on_event: EventSink | None = None,
@@ -439,8 +424,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
 
     # ------------------------------------------------------------------ choose + recipe
     t0 = time.time()
-    # Candidates may sit at different working scales: compare them relative to a flat image.
-    best = min(candidates, key=lambda c: c.distance_final / max(target.by_scale[c.scale]["flat"], 1e-6))
+    best = min(candidates, key=lambda c: c.distance_final)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
     preview = scene.render_numpy(best.x_final, seed=EVAL_SEEDS[0])
@@ -456,10 +440,10 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         reference={**ref.to_dict(), "working_scale": best.scale},
         fit={"options": opts.to_dict(),
              "top": [c.summary() for c in candidates],
-             "ranking": [{k: r[k] for k in ("material", "distance", "relative", "scale", "source")} for r in ranking],
+             "ranking": [{k: r[k] for k in ("material", "distance", "scale", "source")} for r in ranking],
              "loss_history": {c.material_id: _history_summary(c.history) for c in candidates},
              "timings": {k: round(v, 3) for k, v in timings.items()}})
-    result = FitResult(recipe=recipe, candidates=candidates, ranking=[{k: r[k] for k in ("material", "distance", "relative", "scale", "source")} for r in ranking],
+    result = FitResult(recipe=recipe, candidates=candidates, ranking=[{k: r[k] for k in ("material", "distance", "scale", "source")} for r in ranking],
                        best=best, timings=timings, reference=ref.to_dict(), preview=preview,
                        reference_tile=target.by_scale[best.scale]["tile"])
     _emit(sink, "finished", stage="export", progress=1.0,
