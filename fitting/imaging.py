@@ -188,7 +188,6 @@ class TEMModel(ImagingModel):
             depth = dr.zeros(mi.Int32, s.n)
             si = s.si
             active = s.hit
-            t_prev = si.t
             d = mi.Vector3f(0, 0, -1)
             for _ in range(n_cross):
                 entering = dr.dot(si.n, d) < 0
@@ -201,7 +200,6 @@ class TEMModel(ImagingModel):
                 si = nxt
                 active = ok
                 dr.eval(length, depth, active, si)
-            del t_prev
         return {"length": length / r.length_scale, "nz": s.normal.z}
 
     def shade(self, r, g, t, s):
@@ -246,7 +244,6 @@ class OpticalModel(ImagingModel):
         refl = dr.zeros(mi.Float, n)
         if r.scene is not None:
             d = mi.Vector3f(0, 0, -1)
-            n1 = s.si.n  # geometric normal keeps in/out consistent with the mesh
             n1s = s.normal
             cos_i = dr.clip(-dr.dot(d, n1s), 0.0, 1.0)
             f1 = mi.fresnel(cos_i, ior)[0]
@@ -266,7 +263,6 @@ class OpticalModel(ImagingModel):
             inner = dr.select(ok, dr.norm(si2.p - s.si.p) / r.length_scale, 0.0)
             trans = dr.select(ok & ~tir, (1.0 - f1) * (1.0 - f2), 0.0)
             refl = dr.select(s.hit, f1, 0.0)
-            del n1
         return {"dev": dev, "inner": inner, "trans": trans, "refl": refl}
 
     def shade(self, r, g, t, s):
