@@ -215,7 +215,7 @@ def ablation(args) -> dict:
         for w in (0.0, 1.0):
             opts = FitOptions(iterations=args.iterations, hist_weight=w, seed=i, patience=10_000)
             cand = Candidate(material_id=mid, scale=512, x_initial=x0.copy(), distance_initial=float("nan"))
-            refine(scene, tgt, desc, cand, opts, 1e9, null_sink, CancelToken(), 0, 1, None)
+            refine(scene, tgt, desc, cand, opts, 1e9, null_sink, CancelToken(), 0, 1)
             with torch.no_grad():
                 out = scene.render(torch.as_tensor(cand.x_final), seed=1001)
             hist = float((sorted_pixels(out) - tgt["quantiles"]).abs().mean())

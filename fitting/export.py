@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,17 +151,15 @@ class ReferenceTarget:
                 from PIL import Image
                 mask = np.asarray(Image.fromarray(mask_full.astype(np.uint8) * 255).resize(
                     (work.shape[1], work.shape[0]), Image.NEAREST)) > 127
-            desc = descriptor.describe_reference(work, valid_mask=mask, max_tiles=6)
-            vals = work[mask] if mask is not None else work.reshape(-1)
-            q = torch.as_tensor(np.quantile(vals, np.linspace(0, 1, 4096)).astype(np.float32))
-            self.by_scale[s] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
-                                "tile": center_tile(work, size)}
+            self.by_scale[s] = self._describe(descriptor, work, mask, max_tiles=6)
         if not self.by_scale:  # image smaller than every scale: use it as it is
-            work = ref.working(max_side=longest)
-            desc = descriptor.describe_reference(work)
-            q = torch.as_tensor(np.quantile(work, np.linspace(0, 1, 4096)).astype(np.float32))
-            self.by_scale[longest] = {"descriptor": desc.detach(), "quantiles": q, "work": work,
-                                      "tile": center_tile(work, size)}
+            self.by_scale[longest] = self._describe(descriptor, ref.working(max_side=longest), None)
+
+    def _describe(self, descriptor, work: np.ndarray, mask: np.ndarray | None, **kw) -> dict[str, Any]:
+        desc = descriptor.describe_reference(work, valid_mask=mask, **kw)
+        vals = work[mask] if mask is not None else work.reshape(-1)
+        q = torch.as_tensor(np.quantile(vals, np.linspace(0, 1, 4096)).astype(np.float32))
+        return {"descriptor": desc.detach(), "quantiles": q, "work": work, "tile": center_tile(work, self.size)}
 
     @property
     def noise(self) -> float:
@@ -357,7 +354,7 @@ def fit_reference(reference, options: FitOptions | None = None, on_event: EventS
 
 
 def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, library):
-    from .descriptor import TextureDescriptor, descriptor_distance
+    from .descriptor import TextureDescriptor
     from .images import ReferenceImage, load_reference
     from .library import load_library
     from .recipe import Recipe
@@ -368,7 +365,6 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     deadline = t_start + opts.budget_s
     timings: dict[str, float] = {}
     torch.manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
 
     _emit(sink, "stage", stage="load", message="loading the reference", progress=0.0)
     ref = reference if isinstance(reference, ReferenceImage) else load_reference(reference)
@@ -418,7 +414,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                          predictor=r["source"])
         _emit(sink, "stage", stage="refine", message=f"refining {mat.id} ({ci + 1}/{len(top)})",
               progress=0.25 + 0.7 * ci / len(top), data={"candidate": ci, "material": mat.id})
-        refine(scene, tgt, desc, cand, opts, share, sink, cancel, ci, len(top), rng)
+        refine(scene, tgt, desc, cand, opts, share, sink, cancel, ci, len(top))
         candidates.append(cand)
     timings["refine"] = time.time() - t0
 
@@ -468,7 +464,7 @@ def evaluate_distance(scene, x: np.ndarray, desc, tgt_desc, seeds=EVAL_SEEDS) ->
 
 
 def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: float, sink: EventSink,
-           cancel: CancelToken, index: int, total: int, rng) -> None:
+           cancel: CancelToken, index: int, total: int) -> None:
     from .descriptor import descriptor_distance
     t_start = time.time()
     mat = scene.material
