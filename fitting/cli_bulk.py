@@ -36,7 +36,7 @@ def cmd_bulk(args) -> int:
         res = render_dataset(rec, args.out, args.count, size=args.size, spp=args.spp, seed=args.seed,
                              workers=args.workers, scheduler=args.scheduler, instances=args.instances,
                              device=args.device, chunk_size=args.chunk_size, reference=args.reference, rle=args.rle,
-                             score_crops=args.score_crops,
+                             score_crops=args.score_crops, texture_variants=args.texture_variants,
                              on_event=None if args.quiet else ProgressBar(), cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, old)
@@ -96,6 +96,9 @@ def register(sub) -> None:
     b.add_argument("--chunk-size", type=int, help="images per Dask task (default: automatic)")
     b.add_argument("--reference", metavar="IMAGE", help="score the set against this micrograph (FID/KID)")
     b.add_argument("--score-crops", type=int, default=100, help="crops per side for --reference (default 100)")
+    b.add_argument("--texture-variants", type=int, default=8, metavar="N",
+                   help="surface-texture realisations shared by the set; every image still gets a new "
+                        "geometry draw and render noise (default 8; 0 = a new texture per image)")
     b.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bulk)

@@ -186,20 +186,20 @@ class TEMModel(ImagingModel):
         length = dr.zeros(mi.Float, s.n)
         if r.scene is not None:
             depth = dr.zeros(mi.Int32, s.n)
-            si = s.si
+            hit = s.surface
             active = s.hit
             d = mi.Vector3f(0, 0, -1)
             for _ in range(n_cross):
-                entering = dr.dot(si.n, d) < 0
+                entering = dr.dot(hit.n, d) < 0
                 depth = dr.select(active, depth + dr.select(entering, 1, -1), depth)
-                ray = si.spawn_ray(d)
-                nxt = r.scene.ray_intersect(ray, active)
-                ok = active & nxt.is_valid()
-                seg = dr.norm(nxt.p - si.p)
+                nxt = r.intersect(hit.spawn_ray(d), active)
+                ok = active & nxt.valid
+                seg = dr.norm(nxt.p - hit.p)
                 length += dr.select(ok & (depth > 0), seg, 0.0)
-                si = nxt
+                hit = nxt
                 active = ok
-                dr.eval(length, depth, active, si)
+                dr.eval(length, depth, active)
+                hit.eval()
         return {"length": length / r.length_scale, "nz": s.normal.z}
 
     def shade(self, r, g, t, s):
@@ -248,10 +248,9 @@ class OpticalModel(ImagingModel):
             cos_i = dr.clip(-dr.dot(d, n1s), 0.0, 1.0)
             f1 = mi.fresnel(cos_i, ior)[0]
             d1 = _refract(d, n1s, 1.0 / ior)
-            ray = s.si.spawn_ray(d1)
-            si2 = r.scene.ray_intersect(ray, s.hit)
-            ok = s.hit & si2.is_valid()
-            n2 = si2.sh_frame.n  # outward normal at the exit point
+            si2 = r.intersect(s.surface.spawn_ray(d1), s.hit)
+            ok = s.hit & si2.valid
+            n2 = si2.sh_n  # outward normal at the exit point
             cos_2 = dr.clip(dr.dot(d1, n2), 0.0, 1.0)
             f2 = mi.fresnel(cos_2, 1.0 / ior)[0]
             # leaving: refraction from inside (ior) to outside (1)
@@ -260,7 +259,7 @@ class OpticalModel(ImagingModel):
             d2 = dr.select(tir | ~ok, d1, d2)
             dev = dr.select(s.hit, dr.acos(dr.clip(-d2.z, -1.0, 1.0)), 0.0)
             dev = dr.select(s.hit & (tir | ~ok), 3.0, dev)
-            inner = dr.select(ok, dr.norm(si2.p - s.si.p) / r.length_scale, 0.0)
+            inner = dr.select(ok, dr.norm(si2.p - s.surface.p) / r.length_scale, 0.0)
             trans = dr.select(ok & ~tir, (1.0 - f1) * (1.0 - f2), 0.0)
             refl = dr.select(s.hit, f1, 0.0)
         return {"dev": dev, "inner": inner, "trans": trans, "refl": refl}

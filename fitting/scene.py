@@ -81,19 +81,24 @@ class MaterialScene:
 
     # ------------------------------------------------------------------ rendering
     def render(self, x: torch.Tensor | np.ndarray, seed: int = 0, noise: bool = True,
-               layout_seed: int | None = None) -> torch.Tensor:
-        """Differentiable render of normalised parameters ``x`` -> (size, size) image in [0, 1]."""
+               layout_seed: int | None = None, texture_seed: int | None = None) -> torch.Tensor:
+        """Differentiable render of normalised parameters ``x`` -> (size, size) image in [0, 1].
+
+        ``seed`` draws the samples and noise; the surface texture uses ``texture_seed``
+        (default: ``seed``)."""
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x, dtype=np.float32))
         parts = self.split(x)
         r = self.renderer(parts["geometry"], layout_seed)
-        maps = self.maps(parts["graph"], seed)
+        maps = self.maps(parts["graph"], seed if texture_seed is None else texture_seed)
         img = r.render(maps, parts["shade"], seed, trace_params=parts["trace"])
         return self.model.post(img, parts["post"], seed, noise=noise)
 
-    def render_numpy(self, x, seed: int = 0, noise: bool = True, layout_seed: int | None = None) -> np.ndarray:
+    def render_numpy(self, x, seed: int = 0, noise: bool = True, layout_seed: int | None = None,
+                     texture_seed: int | None = None) -> np.ndarray:
         with torch.no_grad():
-            return self.render(torch.as_tensor(np.asarray(x, np.float32)), seed, noise, layout_seed).numpy()
+            return self.render(torch.as_tensor(np.asarray(x, np.float32)), seed, noise, layout_seed,
+                               texture_seed).numpy()
 
     def instance_mask(self, x, layout_seed: int | None = None) -> np.ndarray:
         parts = self.split(torch.as_tensor(np.asarray(x, np.float32)))

@@ -176,7 +176,8 @@ def test_image_and_mask_are_the_scene_render_and_instance_mask(which, sem_set, t
     x = rec.vector(mat)
     img, mim, side = _read(d, 0)
     scene = MaterialScene(mat, RenderSettings(size=SIZE, spp=int(rec.render["spp"])))
-    again = scene.render_numpy(x, seed=side["render_seed"], layout_seed=side["layout_seed"])
+    again = scene.render_numpy(x, seed=side["render_seed"], layout_seed=side["layout_seed"],
+                               texture_seed=side["texture_seed"])
     assert np.array_equal((np.clip(again, 0, 1) * 255 + 0.5).astype(np.uint8), img)
     pid = scene.instance_mask(x, layout_seed=side["layout_seed"])
     layout = scene.renderer(scene.split(__import__("torch").as_tensor(x))["geometry"], side["layout_seed"]).layout
@@ -359,3 +360,21 @@ def test_cli_score_prints_fid_and_kid(tem_set, reference_dir, capsys):
                "--workers", "1", "--quiet", "--reference", str(ref), "--score-crops", "6"])
     out = capsys.readouterr().out
     assert rc == 0 and "FID " in out and "KID " in out
+
+
+def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
+    from fitting.bulk import make_job, seeds_for, texture_seed_for
+    from fitting.library import get_material
+    from fitting.recipe import Recipe
+    mat = get_material("sem_polystyrene_spheres")
+    rec = Recipe.from_vector(mat, np.array([s.to_normalized(s.default) for s in mat.specs], np.float32))
+    job = make_job(rec, size=64, spp=1, seed=3, texture_variants=4)
+    seeds = [texture_seed_for(job, seeds_for(3, i)[1]) for i in range(64)]
+    assert 1 < len(set(seeds)) <= 4                       # a bank of at most 4 realisations, all used
+    job0 = make_job(rec, size=64, spp=1, seed=3, texture_variants=0)
+    rs = [seeds_for(3, i)[1] for i in range(16)]
+    assert [texture_seed_for(job0, r) for r in rs] == rs   # 0: the texture follows the render seed
+    from fitting.bulk import job_key
+    assert job_key(job) != job_key(job0)                   # a set never mixes the two
+    with pytest.raises(Exception, match="texture-variants"):
+        make_job(rec, size=64, spp=1, texture_variants=-1)

@@ -373,3 +373,25 @@ def test_densest_512_field_is_fast(kind):
         best = min(best, time.perf_counter() - t0)
     assert lay.n_particles > 0
     assert best < 2.0, f"{kind}: {best:.2f}s"
+
+
+def test_affine_groups_are_recognised_and_rejected_correctly():
+    from fitting.geometry import _affine_group, _sphere_template
+    rng = np.random.default_rng(0)
+    tp, tn, tf = _sphere_template(2)
+    k = 5
+    A = np.stack([np.diag(rng.uniform(0.5, 3.0, 3)) for _ in range(k)])
+    t = rng.uniform(0, 200, (k, 3))
+    v = np.einsum("kij,vj->kvi", A, tp) + t[:, None, :]
+    n = np.einsum("kij,vj->kvi", np.linalg.inv(A), tn)      # diagonal: inverse transpose = inverse
+    out = _affine_group(v, n)
+    assert out is not None
+    tv, tnn, M = out
+    rebuilt = np.einsum("kij,vj->kvi", M[:, :, :3], tv) + M[:, None, :, 3]
+    assert np.abs(rebuilt - v).max() < 1e-3
+    # normals that are not the inverse-transpose image (e.g. left unscaled) are refused
+    assert _affine_group(v, np.broadcast_to(tn, v.shape)) is None
+    # a non-affine deformation (one cap stretched, as a capsule of another length) is refused
+    w = v.copy()
+    w[1, tp[:, 0] > 0, 0] += 5.0
+    assert _affine_group(w, n) is None
