@@ -229,7 +229,7 @@ def _render_index(job: dict, index: int, out: Path) -> dict:
         te = time.perf_counter()
         img = scene.model.post(img, parts["post"], render_seed, noise=True).detach().cpu().numpy()
         tf = time.perf_counter()
-        pid = r.instance_mask()
+        pid = r.sample_mask()
         tg = time.perf_counter()
     labels, groups = relabel(pid, layout, job["instances"])
     records = instance_records(labels, groups, layout)

@@ -273,7 +273,8 @@ class SceneRenderer:
             g = self.imaging.trace(self, s, trace_params)
             g["x"], g["y"], g["hit"] = s.x, s.y, s.hit
             g["attr"] = dr.gather(mi.Float, self._particle_attr, s.particle)
-            dr.eval(*[v for v in g.values() if v is not None])
+            dr.eval(s.particle, *[v for v in g.values() if v is not None])
+        self._last_particle = s.particle
         return g
 
     def instance_mask(self) -> np.ndarray:
@@ -286,6 +287,23 @@ class SceneRenderer:
             s = self.primary(0, jitter=False)
             ids = np.array(s.particle, dtype=np.int32)
         return ids.reshape(self.resolution, self.resolution)
+
+    def sample_mask(self, max_votes: int = 16) -> np.ndarray:
+        """Particle id per pixel from the samples of the last :meth:`trace`: the id most of the
+        pixel's samples hit (ties: the earliest such sample), i.e. the mask of the rendered
+        frame's own coverage -- a pixel half covered by a particle in the image is that
+        particle's when most of its samples say so. Costs no ray tracing (bulk rendering uses
+        it; a second trace of pixel centres was 5-10 % of a 512 px image). No antialiasing:
+        each pixel belongs to exactly one particle. At most ``max_votes`` samples vote."""
+        if getattr(self, "_last_particle", None) is None:
+            raise RuntimeError("sample_mask() needs a trace() or render() first")
+        res, spp = self.resolution, self.spp
+        ids = np.array(self._last_particle, dtype=np.int32).reshape(res * res, spp)
+        if spp > 1:
+            ids = ids[:, :max_votes]
+            votes = (ids[:, :, None] == ids[:, None, :]).sum(2)          # (P, k): samples agreeing with each
+            ids = np.take_along_axis(ids, votes.argmax(1)[:, None], 1)
+        return ids.reshape(res, res)
 
     # ---------------------------------------------------------------- shading (AD)
     def render(self, maps: torch.Tensor, scalars: dict[str, torch.Tensor], seed: int,
