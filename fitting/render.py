@@ -301,7 +301,9 @@ class SceneRenderer:
         ids = np.array(self._last_particle, dtype=np.int32).reshape(res * res, spp)
         if spp > 1:
             ids = ids[:, :max_votes]
-            votes = (ids[:, :, None] == ids[:, None, :]).sum(2)          # (P, k): samples agreeing with each
+            votes = np.zeros(ids.shape, np.uint8)                       # (P, k): samples agreeing with each
+            for j in range(ids.shape[1]):
+                votes += ids == ids[:, j:j + 1]
             ids = np.take_along_axis(ids, votes.argmax(1)[:, None], 1)
         return ids.reshape(res, res)
 
