@@ -163,12 +163,10 @@ def real(args) -> dict:
 def speed(args) -> dict:
     from fitting.descriptor import TextureDescriptor, descriptor_distance
     from fitting.library import load_library
-    from fitting.pipeline import _loss_crop
     from fitting.scene import MaterialScene, RenderSettings
     desc = TextureDescriptor()
     out = {}
-    for loss_crop in (None, 128):
-        key = "whole_render" if loss_crop is None else f"crop_{loss_crop}"
+    for key in ("whole_render",):
         out[key] = {}
         for mid in ("sem_sintered_agglomerates", "tem_carbon_black", "optical_emulsion_droplets"):
             mat = load_library()[mid]
@@ -186,7 +184,7 @@ def speed(args) -> dict:
                 img = scene.model.post(r.render(maps, parts["shade"], it, parts["trace"]), parts["post"], it)
                 float(img.detach().mean())
                 c = time.perf_counter()
-                loss = descriptor_distance(desc.describe(_loss_crop(img, loss_crop, it)[None, None]), target).mean()
+                loss = descriptor_distance(desc.describe(img[None, None]), target).mean()
                 d = time.perf_counter()
                 loss.backward()
                 e = time.perf_counter()
@@ -259,62 +257,9 @@ def ablation(args) -> dict:
     return {"mode": "ablation", "iterations": args.iterations, "summary": summary, "rows": rows}
 
 
-def crop(args) -> dict:
-    """Refinement with the descriptor loss on the whole 256 px render vs on a random 128 px crop
-    per iteration, same wall-clock budget per target (true material, true geometry, defaults +
-    tone/noise matching as the start). Reports iterations per second, the final descriptor
-    distance (whole render, fixed seeds) and the normalised parameter error."""
-    from fitting.descriptor import TextureDescriptor
-    from fitting.events import CancelToken, null_sink
-    from fitting.images import load_reference
-    from fitting.library import load_library
-    from fitting.pipeline import Candidate, FitOptions, ReferenceTarget, match_noise, match_tone, refine
-    from fitting.recipe import atomic_save_png
-    from fitting.scene import MaterialScene, RenderSettings
-    lib = load_library()
-    desc = TextureDescriptor()
-    ids = sorted(lib)[:args.count]
-    rows = []
-    tmp = RESULTS / "crop_targets"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i, mid in enumerate(ids):
-        mat = lib[mid]
-        x_true = mat.random_vector(np.random.default_rng(3000 + i))
-        img = MaterialScene(mat, RenderSettings(size=512, spp=8, layout_seed=95_000 + i)).render_numpy(x_true, seed=5)
-        path = tmp / f"{mid}.png"
-        atomic_save_png(path, img)
-        target = ReferenceTarget(load_reference(path), desc, (512,), 256)
-        tgt = target.by_scale[512]
-        scene = MaterialScene(mat, RenderSettings(size=256, spp=4, layout_seed=0))
-        x0 = x_true.copy()
-        m = mat.refine_mask()
-        x0[m] = mat.default_vector()[m]
-        x0 = match_noise(mat, x0, target.noise)
-        x0, _ = match_tone(scene, x0, tgt["quantiles"], seed=17)
-        for loss_crop in (None, 128):
-            opts = FitOptions(iterations=10_000, seed=i, patience=10_000, loss_crop=loss_crop)
-            cand = Candidate(material_id=mid, scale=512, x_initial=x0.copy(), distance_initial=float("nan"))
-            refine(scene, tgt, desc, cand, opts, args.budget, null_sink, CancelToken(), 0, 1)
-            row = {"material": mid, "loss_crop": loss_crop, "iterations": cand.iterations,
-                   "iterations_per_s": round(cand.iterations / max(cand.seconds, 1e-9), 2),
-                   "distance_initial": cand.distance_initial, "distance_final": cand.distance_final,
-                   "param_error_initial": float(np.abs(x0 - x_true)[m].mean()),
-                   "param_error_final": float(np.abs(cand.x_final - x_true)[m].mean()), "stopped": cand.stopped}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        path.unlink()
-    summary = {}
-    for c in (None, 128):
-        rs = [r for r in rows if r["loss_crop"] == c]
-        summary[str(c)] = {k: round(statistics.mean(r[k] for r in rs), 4) for k in
-                           ("iterations_per_s", "distance_initial", "distance_final", "param_error_initial",
-                            "param_error_final")}
-    return {"mode": "crop", "budget_s_per_target": args.budget, "summary": summary, "rows": rows}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["synthetic", "real", "speed", "ablation", "crop"])
+    ap.add_argument("mode", choices=["synthetic", "real", "speed", "ablation"])
     ap.add_argument("--count", type=int, default=30)
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--iterations", type=int, default=60)
@@ -323,7 +268,7 @@ def main() -> None:
     args = ap.parse_args()
     from fitting.runtime import init_mitsuba
     init_mitsuba()
-    res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation, "crop": crop}[args.mode](args)
+    res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation}[args.mode](args)
     res["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"fit_{args.mode}.json"

@@ -47,11 +47,6 @@ class FitOptions:
     lr: float = 0.04
     patience: int = 12               # iterations without improvement before stopping
     hist_weight: float = 1.0
-    # Side of the random square crop of each refinement render that the descriptor loss sees
-    # (None = the whole render). VGG forward + backward is ~85 % of an iteration and scales
-    # with the pixel count; a new crop every iteration is a stochastic estimate of the same
-    # Gram statistics (they are means over positions) at a quarter of the cost.
-    loss_crop: int | None = None
     materials: list[str] | None = None   # restrict the library (tests, power users)
     scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
     search_sizes: bool = True
@@ -468,16 +463,6 @@ def evaluate_distance(scene, x: np.ndarray, desc, tgt_desc, seeds=EVAL_SEEDS) ->
         return float(descriptor_distance(desc.describe(imgs), tgt_desc).mean())
 
 
-def _loss_crop(img: torch.Tensor, crop: int | None, seed: int) -> torch.Tensor:
-    """A square crop of side ``crop`` at a position drawn from ``seed`` (the image if None)."""
-    h, w = img.shape[-2:]
-    if not crop or crop >= min(h, w):
-        return img
-    rng = np.random.default_rng(seed)
-    y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-    return img[..., y:y + crop, x:x + crop]
-
-
 def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: float, sink: EventSink,
            cancel: CancelToken, index: int, total: int) -> None:
     from .descriptor import descriptor_distance
@@ -504,8 +489,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
         x[mask] = free
         seed = opts.seed * 100003 + index * 1009 + it
         img = scene.render(x, seed=seed)
-        d = descriptor_distance(desc.describe(_loss_crop(img, opts.loss_crop, seed)[None, None]),
-                                tgt["descriptor"]).mean()
+        d = descriptor_distance(desc.describe(img[None, None]), tgt["descriptor"]).mean()
         hist = (sorted_pixels(img) - q_ref).abs().mean()
         loss = d + opts.hist_weight * hist
         optim.zero_grad()
