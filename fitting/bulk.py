@@ -10,7 +10,8 @@ Output folder (see :data:`LAYOUT`)::
 
     OUT/
       images/000000.png      8-bit gray render
-      masks/000000.png       16-bit instance ids 0..K (0 = substrate), no antialiasing
+      masks/000000.png       16-bit instance ids 0..K (0 = substrate), no antialiasing: the particle most of the
+                             pixel's render samples hit
       meta/000000.json       per-image sidecar: seeds, COCO annotations (RLE), particle features
       annotations.json       COCO instances file of every finished image (rebuilt from meta/)
       particles.csv          one row per instance of every finished image (rebuilt from meta/)
