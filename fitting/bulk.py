@@ -188,16 +188,15 @@ def _surface_maps(job: dict, scene, parts, render_seed: int):
     tseed = texture_seed_for(job, render_seed)
     if int(job.get("texture_variants", 0)) <= 0:
         return scene.maps(parts["graph"], tseed)
-    bank = _STATE["textures"]
-    variant = tseed
-    if variant not in bank:
+    bank = _STATE["textures"]                  # keyed by texture seed
+    if tseed not in bank:
         maps = scene.maps(parts["graph"], tseed)
         # bounded memory (a 4096 px set holds 320 MB per variant): drop the oldest variants;
         # a dropped one is re-evaluated identically when needed again
         while bank and (len(bank) + 1) * maps.numel() * maps.element_size() > _TEXTURE_CACHE_BYTES:
             bank.pop(next(iter(bank)))
-        bank[variant] = maps
-    return bank[variant]
+        bank[tseed] = maps
+    return bank[tseed]
 
 
 def render_index(job: dict, index: int, out_dir: str | os.PathLike) -> dict:
