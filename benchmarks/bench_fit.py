@@ -161,18 +161,26 @@ def real(args) -> dict:
 
 
 def speed(args) -> dict:
+    """Seconds per refinement iteration as ``refine`` runs it, split into stages.
+
+    ``whole_render``: the descriptor loss on the whole 256 px render; ``crop128``: on a random
+    128 px crop of it at native pixel scale (``FitOptions.loss_crop``, the default).
+    """
     from fitting.descriptor import TextureDescriptor, descriptor_distance
     from fitting.library import load_library
     from fitting.scene import MaterialScene, RenderSettings
     desc = TextureDescriptor()
     out = {}
-    for key in ("whole_render",):
+    for key, crop in (("whole_render", 0), ("crop128", 128)):    # loss_crop 1 and 0.5 at 256 px
         out[key] = {}
+        ldesc = TextureDescriptor(work_size=crop) if crop else desc
+        rng = np.random.default_rng(0)
         for mid in ("sem_sintered_agglomerates", "tem_carbon_black", "optical_emulsion_droplets"):
             mat = load_library()[mid]
             scene = MaterialScene(mat, RenderSettings(size=256, spp=4, layout_seed=0))
             x0 = torch.as_tensor(mat.default_vector())
-            target = desc.describe(scene.render(x0, seed=99).detach()[None, None])
+            ref = scene.render(x0, seed=99).detach()
+            target = ldesc.describe_reference(ref.numpy()) if crop else desc.describe(ref[None, None])
             t = {"graph": [], "render": [], "descriptor_forward": [], "backward": [], "total": []}
             for it in range(args.repeats + 2):
                 x = x0.clone().requires_grad_(True)
@@ -184,7 +192,10 @@ def speed(args) -> dict:
                 img = scene.model.post(r.render(maps, parts["shade"], it, parts["trace"]), parts["post"], it)
                 float(img.detach().mean())
                 c = time.perf_counter()
-                loss = descriptor_distance(desc.describe(img[None, None]), target).mean()
+                if crop:
+                    y0, x0_ = (int(v) for v in rng.integers(0, 256 - crop + 1, size=2))
+                    img = img[y0:y0 + crop, x0_:x0_ + crop]
+                loss = descriptor_distance(ldesc.describe(img[None, None]), target).mean()
                 d = time.perf_counter()
                 loss.backward()
                 e = time.perf_counter()
@@ -257,18 +268,83 @@ def ablation(args) -> dict:
     return {"mode": "ablation", "iterations": args.iterations, "summary": summary, "rows": rows}
 
 
+def crop(args) -> dict:
+    """The refinement loss on a random 128 px crop (loss_crop 0.5) vs on the whole 256 px render
+    (loss_crop 1), same time budget.
+
+    True material and geometry given (isolates the refinement), the other parameters start at
+    the defaults + tone/noise matching; each arm refines for ``--refine-budget`` seconds with
+    early stopping as in a fit. Reported: the full-render descriptor distance (the fit's
+    yardstick, ``evaluate_distance``) before and after, the iterations done, the parameter error.
+    """
+    from fitting.descriptor import TextureDescriptor
+    from fitting.events import CancelToken, null_sink
+    from fitting.images import load_reference
+    from fitting.library import load_library
+    from fitting.pipeline import Candidate, FitOptions, ReferenceTarget, match_noise, match_tone, refine
+    from fitting.recipe import atomic_save_png
+    from fitting.scene import MaterialScene, RenderSettings
+    lib = load_library()
+    desc = TextureDescriptor()
+    ids = sorted(lib)
+    arms = (1.0, 0.5)          # FitOptions.loss_crop: whole render, 128 px crop of 256
+    rows = []
+    tmp = RESULTS / "crop_targets"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(args.count):
+        mid = ids[i % len(ids)]
+        mat = lib[mid]
+        x_true = mat.random_vector(np.random.default_rng(4000 + i))
+        img = MaterialScene(mat, RenderSettings(size=512, spp=8, layout_seed=95_000 + i)).render_numpy(x_true, seed=5)
+        path = tmp / f"{mid}_{i}.png"
+        atomic_save_png(path, img)
+        ref = load_reference(path)
+        target = ReferenceTarget(ref, desc, (512,), 256)
+        tgt = target.by_scale[512]
+        scene = MaterialScene(mat, RenderSettings(size=256, spp=4, layout_seed=0))
+        m = mat.refine_mask()
+        x0 = x_true.copy()
+        x0[m] = mat.default_vector()[m]
+        x0 = match_noise(mat, x0, target.noise)
+        x0, _ = match_tone(scene, x0, tgt["quantiles"], seed=17)
+        for c in arms:
+            opts = FitOptions(loss_crop=c, seed=i, iterations=10_000)
+            cand = Candidate(material_id=mid, scale=512, x_initial=x0.copy(), distance_initial=float("nan"))
+            t0 = time.time()
+            refine(scene, tgt, desc, cand, opts, args.refine_budget, null_sink, CancelToken(), 0, 1)
+            rows.append({"target": i, "material": mid, "loss_crop": c, "distance_initial": cand.distance_initial,
+                         "distance_final": cand.distance_final, "iterations": cand.iterations,
+                         "stopped": cand.stopped, "seconds": round(time.time() - t0, 2),
+                         "param_error_start": float(np.abs(x0 - x_true)[m].mean()),
+                         "param_error": float(np.abs(cand.x_final - x_true)[m].mean())})
+            print(json.dumps(rows[-1]), flush=True)
+        path.unlink()
+    summary = {}
+    for c in arms:
+        sel = [r for r in rows if r["loss_crop"] == c]
+        summary[f"loss_crop={c}"] = {
+            "distance_final_median": statistics.median(r["distance_final"] for r in sel),
+            "final_over_initial_median": statistics.median(r["distance_final"] / r["distance_initial"] for r in sel),
+            "iterations_median": statistics.median(r["iterations"] for r in sel),
+            "param_error_mean": statistics.mean(r["param_error"] for r in sel)}
+    wins = sum(a["distance_final"] < b["distance_final"] for a, b in zip(rows[1::2], rows[0::2]))
+    summary["crop_better_on"] = f"{wins}/{len(rows) // 2}"
+    return {"mode": "crop", "refine_budget_s": args.refine_budget, "summary": summary, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["synthetic", "real", "speed", "ablation"])
+    ap.add_argument("mode", choices=["synthetic", "real", "speed", "ablation", "crop"])
     ap.add_argument("--count", type=int, default=30)
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--refine-budget", type=float, default=11.0, help="crop: seconds per refinement")
     ap.add_argument("--refs", default=str(ROOT.parent / "shared" / "reference-images"))
     args = ap.parse_args()
     from fitting.runtime import init_mitsuba
     init_mitsuba()
-    res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation}[args.mode](args)
+    res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation, "crop": crop}[args.mode](args)
     res["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"fit_{args.mode}.json"

@@ -47,7 +47,7 @@ def cmd_fit(args) -> int:
     from .runtime import init_mitsuba
     init_mitsuba(args.device)
     opts = FitOptions(budget_s=args.budget, iterations=args.iterations, size=args.size, seed=args.seed,
-                      spp=args.spp, backbone=args.backbone,
+                      spp=args.spp, backbone=args.backbone, loss_crop=args.loss_crop,
                       materials=args.materials.split(",") if args.materials else None)
     cancel = CancelToken()
 
@@ -136,6 +136,8 @@ def register(sub) -> None:
     f.add_argument("--spp", type=int, default=4)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--backbone", default="vgg16-hed")
+    f.add_argument("--loss-crop", type=float, default=0.5, metavar="F",
+                   help="refinement loss on a random crop of F x the render's side (default 0.5; 1 = whole render)")
     f.add_argument("--materials", help="comma-separated material ids to consider (default: all)")
     f.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

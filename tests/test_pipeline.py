@@ -120,3 +120,33 @@ def test_cli_fit_bad_image_is_a_clear_error(tmp_path):
     assert p.returncode != 0
     assert "notes.png" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
+    """loss_crop: the loss describes a crop at native pixel scale, the reference is described by
+    tiles of that side (no resampling on either side); loss_crop=1 is the whole render."""
+    from fitting.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.errors import MatfitError
+    from fitting.images import load_reference
+    from fitting.pipeline import ReferenceTarget, crop_loss_target
+    desc = TextureDescriptor(work_size=128)
+    target = ReferenceTarget(load_reference(EXAMPLE), desc, (256,), 128)
+    tgt = target.by_scale[256]
+    cdesc, vec, crop = crop_loss_target(desc, tgt, FitOptions(size=128, loss_crop=0.5))
+    assert crop == 64 and cdesc.work_size == 64 and vec.shape == (desc.dim,)
+    # the cached target is the reference described by 64 px tiles of its own working image
+    again = cdesc.describe_reference(tgt["work"], max_tiles=16)
+    assert torch_allclose(vec, again)
+    # a 64 px crop of the reference is nearer to the crop target than to the whole-tile target
+    work = tgt["work"]
+    patch = cdesc.describe(np.ascontiguousarray(work[40:104, 60:124])[None, None].astype(np.float32))
+    assert float(descriptor_distance(patch, vec)) < float(descriptor_distance(patch, tgt["descriptor"]))
+    same, whole, none = crop_loss_target(desc, tgt, FitOptions(size=128, loss_crop=1.0))
+    assert same is desc and none == 0 and whole is tgt["descriptor"]
+    with pytest.raises(MatfitError, match="loss_crop"):
+        FitOptions(loss_crop=2.0)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6))
