@@ -48,7 +48,9 @@ worker process per core.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -57,11 +59,13 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import MatfitError
 from .events import CancelToken, EventSink, FitEvent, null_sink
@@ -91,9 +95,24 @@ def _write_text(path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def _write_json(path, obj) -> None:
+    """Compact JSON + newline, atomically. orjson: the sidecars and the set's annotations.json
+    hold every RLE run; stdlib json took 1.6 ms per 512 px image and ~4 ms per image for the
+    set files, orjson a fifth of that."""
+    from .recipe import atomic_write_bytes
+    atomic_write_bytes(path, orjson.dumps(obj) + b"\n")
+
+
+# zlib settings of the set's PNGs. Rendered images carry shot noise, which no LZ77 match finder
+# compresses: zlib's run-length strategy at level 1 wrote a 512 px image in 7 ms instead of
+# 13 ms (Pillow's default level 6) and 212 instead of 213 kB; masks 3.6 ms vs 8.3 ms,
+# 17.9 vs 17.3 kB (measured on a polystyrene-spheres image of the set).
+PNG_OPTIONS = {"compress_level": 1, "zlib_strategy": zlib.Z_RLE}
+
+
 def _save_png(path, arr: np.ndarray) -> None:
     from .recipe import atomic_save_png
-    atomic_save_png(path, arr)
+    atomic_save_png(path, arr, **PNG_OPTIONS)
 
 
 def seeds_for(seed: int, index: int) -> tuple[int, int]:
@@ -246,7 +265,7 @@ def _render_index(job: dict, index: int, out: Path) -> dict:
             "texture_seed": texture_seed_for(job, render_seed),
             "instances_mode": job["instances"], "job": job_key(job), "n_particles": int(len(layout.radii)),
             "instances": records}
-    _write_text(p["meta"], json.dumps(side, separators=(",", ":")) + "\n")
+    _write_json(p["meta"], side)
     ti = time.perf_counter()
     t.update(setup=ta - t0, layout=tb - ta, scene=tc - tb, graph=td - tc, render=te - td, post=tf - te,
              mask=tg - tf, labels=th - tg, write=ti - th, total=ti - t0)
@@ -288,7 +307,30 @@ def relabel(pid: np.ndarray, layout, mode: str) -> tuple[np.ndarray, list[np.nda
     return labels, groups
 
 
-def rle_counts_all(labels: np.ndarray, k: int) -> list[list[int]]:
+def label_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertical runs of the foreground of a label image, in COCO's column-major order.
+
+    Returns (starts, ends, ids): flat column-major pixel indices [start, end) of every maximal run
+    of one id > 0 *within one column*, grouped by id (ascending) and in raster order within an
+    id. Every per-instance quantity (RLE, area, centroid, box) follows from these few thousand
+    runs instead of passes over all pixels.
+    """
+    h, w = labels.shape
+    n = h * w
+    flat = np.ascontiguousarray(labels.T).ravel()
+    brk = flat[1:] != flat[:-1]
+    brk[h - 1::h] = True                                   # runs never cross a column boundary
+    cuts = np.flatnonzero(brk) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [n]])
+    ids = flat[starts]
+    fg = ids > 0
+    starts, ends, ids = starts[fg], ends[fg], ids[fg]
+    order = np.argsort(ids, kind="stable")
+    return starts[order], ends[order], ids[order]
+
+
+def rle_counts_all(labels: np.ndarray, k: int, runs=None) -> list[list[int]]:
     """Uncompressed COCO RLE counts of the masks ``labels == 1 .. k`` in one pass.
 
     COCO RLE: column-major (Fortran) order, alternating runs of 0 and 1 starting with 0 (the
@@ -298,15 +340,14 @@ def rle_counts_all(labels: np.ndarray, k: int) -> list[list[int]]:
     """
     h, w = labels.shape
     n = h * w
-    flat = np.ascontiguousarray(labels.T).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [n]])
-    vals = flat[starts]
-    fg = vals > 0
-    starts, ends, vals = starts[fg], ends[fg], vals[fg]
-    order = np.argsort(vals, kind="stable")              # grouped by id, in raster order within
-    starts, ends, vals = starts[order], ends[order], vals[order]
+    starts, ends, vals = label_runs(labels) if runs is None else runs
+    # join runs of one id that continue from the bottom of a column to the top of the next
+    if len(starts) > 1:
+        joined = (starts[1:] == ends[:-1]) & (vals[1:] == vals[:-1])
+        if joined.any():
+            keep_start = np.concatenate([[True], ~joined])
+            keep_end = np.concatenate([~joined, [True]])
+            starts, ends, vals = starts[keep_start], ends[keep_end], vals[keep_start]
     bounds = np.searchsorted(vals, np.arange(1, k + 2))
     out = []
     for i in range(k):
@@ -333,22 +374,30 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
     detectron2 and torchvision's detection references (``frPyObjects``) all read that, while
     torchvision's references cannot read compressed RLE strings.
     """
-    from scipy import ndimage
     h, w = labels.shape
     k = len(groups)
     if k == 0:
         return []
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=k + 1)
-    cx = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=k + 1)
-    cy = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=k + 1)
-    boxes = ndimage.find_objects(labels, max_label=k)
+    runs = label_runs(labels)
+    starts, ends, ids = runs
+    if len(ids) == 0 or ids[-1] > k or len(np.unique(ids)) != k:
+        raise MatfitError(f"label image does not hold exactly the ids 1..{k}")
+    length = (ends - starts).astype(np.float64)
+    col = starts // h
+    row0 = starts % h
+    area = np.bincount(ids, weights=length, minlength=k + 1)
+    cx = np.bincount(ids, weights=length * col, minlength=k + 1)
+    cy = np.bincount(ids, weights=length * row0 + 0.5 * length * (length - 1), minlength=k + 1)
+    first = np.searchsorted(ids, np.arange(1, k + 1))         # every id has >= 1 run
+    bx0 = np.minimum.reduceat(col, first)
+    bx1 = np.maximum.reduceat(col, first) + 1
+    by0 = np.minimum.reduceat(row0, first)
+    by1 = np.maximum.reduceat(row0 + (ends - starts), first)
     radii = np.asarray(layout.radii, np.float64)
-    rles = rle_counts_all(labels, k)
+    rles = rle_counts_all(labels, k, runs)
     out = []
     for i in range(1, k + 1):
-        sl = boxes[i - 1]
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        x0, x1, y0, y1 = int(bx0[i - 1]), int(bx1[i - 1]), int(by0[i - 1]), int(by1[i - 1])
         members = groups[i - 1]
         r = radii[members - 1]
         a = int(area[i])
@@ -356,7 +405,7 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
             "instance_id": i,
             "segmentation": {"size": [int(h), int(w)], "counts": rles[i - 1]},
             "area": a,
-            "bbox": [int(x0), int(y0), int(x1 - x0), int(y1 - y0)],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
             "iscrowd": 0,
             "category_id": CATEGORY["id"],
             # features (pixel-edge coordinates like the bbox: pixel (r, c) covers [c, c+1) x [r, r+1))
@@ -433,8 +482,8 @@ def read_sidecars(out_dir) -> list[dict]:
         if not is_finished(out, idx):
             continue
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            d = orjson.loads(p.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
             continue
         if d.get("format") == FORMAT and d.get("index") == idx:
             res.append(d)
@@ -486,7 +535,26 @@ def write_set_files(out_dir, info: dict | None = None, rle: str = "uncompressed"
 
     Returns (images, annotations).
     """
-    out = Path(out_dir)
+    with _gc_paused():
+        return _write_set_files(Path(out_dir), info, rle)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: the set files hold every annotation's RLE runs as
+    Python objects, which creates no cycles, but millions of allocations trigger full
+    collections over the whole heap -- 7 of 9 ms per image of ``write_set_files`` for a
+    9-image set, and growing with the set."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _write_set_files(out: Path, info: dict | None, rle: str) -> tuple[int, int]:
     side = read_sidecars(out)
     if info is None:
         try:
@@ -494,7 +562,7 @@ def write_set_files(out_dir, info: dict | None = None, rle: str = "uncompressed"
         except (OSError, json.JSONDecodeError):
             info = None
     coco = build_coco(side, info, rle)
-    _write_text(out / COCO_FILE, json.dumps(coco, separators=(",", ":")) + "\n")
+    _write_json(out / COCO_FILE, coco)
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
     wr.writerow(CSV_COLUMNS)

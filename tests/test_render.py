@@ -232,3 +232,44 @@ def test_instanced_scene_renders_like_the_merged_mesh(material_id):
     # identical up to float round-off; a silhouette sample may flip hit/miss in a rare pixel
     assert float(np.mean(diff)) < 1e-3 * max(1.0, float(np.abs(frames[0]).mean()))
     assert float(np.mean(diff > 1e-2)) < 0.002
+
+
+def test_sample_mask_is_the_majority_vote_of_each_pixels_samples():
+    """The vote only runs on pixels whose samples disagree; the result must equal a brute-force
+    majority (ties: the earliest sample among the most frequent ids) on every pixel."""
+    from types import SimpleNamespace
+    from fitting.render import SceneRenderer
+    rng = np.random.default_rng(3)
+    res, spp = 24, 5
+    ids = rng.integers(0, 4, (res * res, spp)).astype(np.int32)
+    ids[: res * res // 2] = ids[: res * res // 2, :1]          # half the pixels agree
+    fake = SimpleNamespace(resolution=res, spp=spp, _last_particle=ids.ravel())
+    got = SceneRenderer.sample_mask(fake)
+    want = np.empty(res * res, np.int32)
+    for p, row in enumerate(ids):
+        counts = [int((row == v).sum()) for v in row]
+        want[p] = row[int(np.argmax(counts))]
+    assert np.array_equal(got.ravel(), want)
+
+
+def test_gaussian_blur_matches_a_reference_convolution_and_its_gradient():
+    import torch
+    import torch.nn.functional as F
+    from fitting.imaging import gaussian_blur
+    img = torch.rand(37, 41, dtype=torch.float64, requires_grad=True)
+    for sigma in (0.4, 1.7, 5.0):
+        s = torch.tensor(sigma, dtype=torch.float64, requires_grad=True)
+        out = gaussian_blur(img, s)
+        r = int(min(12, max(1, np.ceil(3 * sigma))))
+        xs = torch.arange(-r, r + 1, dtype=torch.float64)
+        k = torch.exp(-0.5 * (xs / s) ** 2)
+        k = k / k.sum()
+        ref = F.pad(img[None, None], (r, r, 0, 0), mode="reflect")
+        ref = F.conv2d(ref, k.view(1, 1, 1, -1))
+        ref = F.pad(ref, (0, 0, r, r), mode="reflect")
+        ref = F.conv2d(ref, k.view(1, 1, -1, 1))[0, 0]
+        assert torch.allclose(out, ref, atol=1e-12)
+        g_out = torch.autograd.grad((out * out).sum(), (img, s))
+        g_ref = torch.autograd.grad((ref * ref).sum(), (img, s))
+        for a, b in zip(g_out, g_ref):
+            assert torch.allclose(a, b, atol=1e-10)
