@@ -1474,111 +1474,11 @@ def _gen_crystals(p: dict, size: int, rng: np.random.Generator) -> ParticleLayou
 _KF = 1.3   # fractal prefactor
 
 
-def _sq3(v: np.ndarray) -> np.ndarray:
-    """Squared norms of rows of an (n,3) array. Same sum order as ``(v ** 2).sum(1)`` (so the
-    same bits), but three column operations: a reduction over a 3-wide trailing axis costs
-    ~4x more in numpy, and the aggregate growth does this ~10^4 times per field."""
-    x, y, z = v[..., 0], v[..., 1], v[..., 2]
-    return x * x + y * y + z * z
-
-
-def _pair_dist(X: np.ndarray, P: np.ndarray) -> np.ndarray:
-    """(n, k) distances between the rows of X (n,3) and P (k,3); bit-identical to
-    ``np.sqrt(((X[:, None] - P[None]) ** 2).sum(2))``, 4x faster for small k."""
-    dx = X[:, 0, None] - P[None, :, 0]
-    dy = X[:, 1, None] - P[None, :, 1]
-    dz = X[:, 2, None] - P[None, :, 2]
-    return np.sqrt(dx * dx + dy * dy + dz * dz)
-
-
 def _grow(radii: np.ndarray, df: float, overlap: float, rng: np.random.Generator, kf: float = _KF) -> np.ndarray:
-    """Centres of a particle-cluster aggregate; primaries stay in growth order.
-
-    Each new primary touches one member (neighbour distance (1-overlap)*(r1+r2)), overlaps no
-    other beyond that, and sits at the distance Gamma from the centre of mass that keeps the
-    mass-weighted radius of gyration on Rg = a (M / (kf m)) ** (1/Df)."""
-    n = len(radii)
-    pos = np.zeros((n, 3))
-    if n == 1:
-        return pos
-    m = radii ** 3
-    mbar = m.mean()
-    a = mbar ** (1 / 3) * (1 - overlap)
-    scale = 1 - overlap
-    pos[1] = _normalize(rng.standard_normal(3)) * scale * (radii[0] + radii[1])
-    Msum = m[0] + m[1]
-    S1 = m[0] * pos[0] + m[1] * pos[1]
-    S2 = m[0] * (pos[0] ** 2).sum() + m[1] * (pos[1] ** 2).sum()
-    # The loop is sequential by nature (each primary depends on all before it) and runs ~900
-    # times per 512 px carbon-black field, so it avoids numpy calls on 3-vectors (Python floats
-    # instead) and array stacking; the arithmetic and the random draws are the same as before,
-    # so layouts are bit-identical.
-    S1x, S1y, S1z = (float(v) for v in S1)
-    S2 = float(S2)
-    Msum = float(Msum)
-    for k in range(2, n):
-        P = pos[:k]
-        cmx, cmy, cmz = S1x / Msum, S1y / Msum, S1z / Msum
-        cm = np.array((cmx, cmy, cmz))
-        rg2 = S2 / Msum - (cmx * cmx + cmy * cmy + cmz * cmz)
-        mk = float(m[k])
-        Mn = Msum + mk
-        rgt = a * (Mn / (kf * mbar)) ** (1 / df)
-        g2 = Mn / (mk * Msum) * (Mn * rgt ** 2 - Msum * max(rg2, 0.0))
-        gamma = math.sqrt(max(g2, 0.0))
-        dj = scale * (radii[:k] + radii[k])
-        rel = P - cm
-        Dj = np.sqrt(_sq3(rel))
-        x = None
-        cand = np.flatnonzero((Dj + dj >= gamma) & (np.abs(Dj - dj) <= gamma) & (Dj > 1e-9))
-        for n_c, n_a in ((12, 8), (48, 16)):      # points on the circles |x-cm| = gamma, |x-p_j| = d_j
-            if x is not None or not cand.size or gamma <= 0:
-                break
-            sel = cand if cand.size <= n_c else cand[rng.integers(0, cand.size, n_c)]
-            D, d = Dj[sel], dj[sel]
-            e = rel[sel] / D[:, None]
-            t = (D * D + gamma * gamma - d * d) / (2 * D)
-            rr = np.sqrt(np.maximum(gamma * gamma - t * t, 0))
-            # orthonormal u, w perpendicular to e (e x helper, helper = x or y axis)
-            e0, e1, e2 = e[:, 0], e[:, 1], e[:, 2]
-            use_x = np.abs(e0) < 0.9
-            u = np.empty_like(e)
-            u[:, 0] = np.where(use_x, 0.0, -e2)
-            u[:, 1] = np.where(use_x, e2, 0.0)
-            u[:, 2] = np.where(use_x, -e1, e0)
-            u /= np.sqrt(_sq3(u))[:, None]
-            w = np.empty_like(e)
-            w[:, 0] = e1 * u[:, 2] - e2 * u[:, 1]
-            w[:, 1] = e2 * u[:, 0] - e0 * u[:, 2]
-            w[:, 2] = e0 * u[:, 1] - e1 * u[:, 0]
-            ph = rng.random((len(sel), n_a)) * 2 * np.pi
-            X = (cm + (t[:, None] * e)[:, None, :] + rr[:, None, None] *
-                 (np.cos(ph)[..., None] * u[:, None, :] + np.sin(ph)[..., None] * w[:, None, :])).reshape(-1, 3)
-            feas = (_pair_dist(X, P) >= dj[None] * (1 - 1e-6)).all(axis=1)
-            hit = np.flatnonzero(feas)
-            if hit.size:
-                x = X[hit[0]]
-        tries = 0
-        while x is None:
-            nb = 64 * (tries + 1)
-            j = rng.integers(0, k, nb)
-            X = P[j] + dj[j, None] * _normalize(rng.standard_normal((nb, 3)))
-            feas = (_pair_dist(X, P) >= dj[None] * (1 - 1e-6)).all(axis=1)
-            if feas.any():
-                fi = np.flatnonzero(feas)
-                err = np.abs(np.sqrt(((X[fi] - cm) ** 2).sum(1)) - gamma)
-                x = X[fi[np.argmin(err)]]
-            tries += 1
-            if tries > 6 and x is None:     # practically unreachable: go outward from the farthest
-                far = int(np.argmax(Dj))
-                x = P[far] + dj[far] * (rel[far] / max(Dj[far], 1e-9) if Dj[far] > 1e-9 else np.array([1.0, 0, 0]))
-        pos[k] = x
-        Msum = Mn
-        x0, x1, x2 = (float(v) for v in x)
-        S1x, S1y, S1z = S1x + mk * x0, S1y + mk * x1, S1z + mk * x2
-        S2 = S2 + mk * (x0 * x0 + x1 * x1 + x2 * x2)
-    S1 = np.array((S1x, S1y, S1z))
-    return pos - S1 / Msum
+    """Centres of a particle-cluster aggregate about its centre of mass; primaries stay in
+    growth order (see :func:`fitting.growth.grow_centres`, compiled)."""
+    from .growth import grow_centres
+    return grow_centres(np.ascontiguousarray(radii, np.float64), float(df), float(overlap), rng, float(kf))
 
 
 def grow_aggregate(n_primaries: int, fractal_dim: float, *, primary_size: float = 10.0, size_gsd: float = 1.0,

