@@ -182,8 +182,10 @@ class EngineBackend:
             # candidate matched, pixel for pixel: add those reference tiles to the ranking event.
             if ev.kind == "candidates":
                 try:
-                    for r in ev.data["ranking"][:opts.top_k]:
-                        tiles[r["material"]] = to_uint8(center_tile(ref.working(max_side=r["scale"]), opts.size))
+                    shown = ev.data.get("thumbnails", {})       # the screened pool, then the final top-k
+                    for r in ev.data["ranking"]:
+                        if r["material"] in shown and r["material"] not in tiles:
+                            tiles[r["material"]] = to_uint8(center_tile(ref.working(max_side=r["scale"]), opts.size))
                     ev.data["reference_tiles"] = dict(tiles)
                 except Exception:  # noqa: BLE001 - the event matters more than the tiles
                     pass

@@ -79,7 +79,11 @@ def synthetic(args) -> dict:
         res = fit_reference(ref, opts)
         dt = time.time() - t0
         ranked = [r["material"] for r in res.ranking]
+        by_prediction = [r["material"] for r in sorted(res.ranking, key=lambda r: r["distance"])]
         row = {"target": path.name, "material": mid, "rank_of_true": ranked.index(mid) + 1,
+               "rank_of_true_before_screening": by_prediction.index(mid) + 1,
+               "ranking_top5": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                                 if k in ("material", "distance", "distance_screened")} for r in res.ranking[:5]],
                "best": res.best.material_id, "seconds": round(dt, 1),
                "timings": {k: round(v, 1) for k, v in res.timings.items()},
                "distance_initial": res.best.distance_initial, "distance_final": res.best.distance_final,
@@ -100,6 +104,8 @@ def synthetic(args) -> dict:
         "targets": len(rows),
         "true_material_top1": sum(r["rank_of_true"] == 1 for r in rows) / len(rows),
         "true_material_top3": sum(r["rank_of_true"] <= 3 for r in rows) / len(rows),
+        "true_material_top3_before_screening": sum(r["rank_of_true_before_screening"] <= 3 for r in rows) / len(rows),
+        "true_material_top5_before_screening": sum(r["rank_of_true_before_screening"] <= 5 for r in rows) / len(rows),
         "best_is_true": sum(r["best"] == r["material"] for r in rows) / len(rows),
         "param_error_initial_mean": statistics.mean(r["param_error_initial"] for r in with_true) if with_true else None,
         "param_error_refined_mean": statistics.mean(r["param_error_refined"] for r in with_true) if with_true else None,

@@ -35,8 +35,14 @@ def test_fit_emits_events_and_ranks_the_true_material_first(small_fit):
     kinds = [e.kind for e in events]
     assert kinds[0] == "stage" and kinds[-1] == "finished"
     assert "candidates" in kinds and "iteration" in kinds and "preview" in kinds
-    cand = next(e for e in events if e.kind == "candidates")
-    assert len(cand.data["ranking"]) == 4 and len(cand.data["thumbnails"]) == 3
+    cands = [e for e in events if e.kind == "candidates"]
+    # after ranking: the screening pool (all 4 materials); after screening: the final 3
+    assert [e.stage for e in cands] == ["rank", "screen"]
+    assert len(cands[0].data["ranking"]) == 4 and len(cands[0].data["thumbnails"]) == 4
+    assert len(cands[1].data["thumbnails"]) == 3
+    assert list(cands[1].data["thumbnails"]) == [r["material"] for r in cands[1].data["ranking"][:3]]
+    screen_its = [e for e in events if e.kind == "iteration" and e.stage == "screen"]
+    assert {e.data["candidate"] for e in screen_its} == {0, 1, 2, 3}
     it = next(e for e in events if e.kind == "iteration")
     assert {"loss", "distance", "params", "material", "iteration"} <= set(it.data)
     prev = next(e for e in events if e.kind == "preview")
@@ -48,6 +54,11 @@ def test_fit_emits_events_and_ranks_the_true_material_first(small_fit):
     assert len(res.candidates) == 3
     for c in res.candidates:
         assert c.distance_final <= c.distance_initial + 1e-9
+        assert c.iterations == len(c.history) and "screen:" in c.stopped   # screened, then refined
+    kept = [r["material"] for r in res.ranking[:3]]
+    assert [c.material_id for c in res.candidates] == kept
+    assert all("distance_screened" in r for r in res.ranking)       # all 4 were screened
+    assert [r["distance_screened"] for r in res.ranking] == sorted(r["distance_screened"] for r in res.ranking)
     assert res.best.material_id == min(res.candidates, key=lambda c: c.distance_final).material_id
 
 
