@@ -287,6 +287,7 @@ class MainWindow(QMainWindow):
         m.fitStateChanged.connect(self._fit_state_changed)
         m.candidatesChanged.connect(self._show_candidates)
         m.lossAppended.connect(self._loss_appended)
+        m.candidatesReset.connect(self._reset_loss_plot)
         m.previewChanged.connect(lambda: self.render_view.set_image(m.preview))
         m.referenceTileChanged.connect(lambda: self.tile_view.set_image(m.reference_tile))
         m.documentChanged.connect(self._document_changed)
@@ -458,7 +459,7 @@ class MainWindow(QMainWindow):
         p = self.model.progress
         self.progress_bar.setValue(int(round(1000 * p.progress)))
         stage = {"start": "Starting", "load": "Loading", "describe": "Describing", "rank": "Ranking",
-                 "refine": "Refining", "export": "Finishing"}.get(p.stage, p.stage.capitalize())
+                 "screen": "Screening", "refine": "Refining", "export": "Finishing"}.get(p.stage, p.stage.capitalize())
         if p.state == "running":
             self.stage_label.setText(f"{stage}: {p.message}" if p.message else stage)
         elif p.message and p.state in ("cancelled", "failed"):
@@ -480,6 +481,10 @@ class MainWindow(QMainWindow):
         else:
             scale = m.working_scale if m.has_document else None
         self.tile_title.setText(f"Reference (working scale {scale} px)" if scale else "Reference (working scale)")
+
+    def _reset_loss_plot(self) -> None:
+        m = self.model
+        self.loss_plot.set_series([c.losses for c in m.candidates], [c.material_id for c in m.candidates])
 
     def _loss_appended(self, index: int, value: float) -> None:
         self.loss_plot.append(index, value, self.model.candidates[index].material_id)

@@ -82,6 +82,7 @@ class AppModel(QObject):
     progressChanged = Signal()
     fitStateChanged = Signal(str)
     candidatesChanged = Signal()
+    candidatesReset = Signal()               # a new candidate list during a fit (loss curves redrawn)
     lossAppended = Signal(int, float)        # candidate index, loss
     previewChanged = Signal()                # the render shown beside the reference
     referenceTileChanged = Signal()          # the reference crop shown beside the render
@@ -201,13 +202,19 @@ class AppModel(QObject):
         p.eta_s = ev.eta_s
         data = ev.data or {}
         if ev.kind == "candidates":
+            # sent after ranking (the materials to screen) and again after screening (the ones
+            # refined in full): a material that stays keeps its loss curve
             tiles = data.get("reference_tiles", {})
             thumbs = data.get("thumbnails", {})
+            before = {c.material_id: c.losses for c in self.candidates}
             self.candidates = [Candidate(material_id=r["material"], title=r.get("title", ""),
                                          distance=r.get("distance"), scale=r.get("scale"),
                                          thumbnail=thumbs.get(r["material"]),
-                                         reference_tile=tiles.get(r["material"]))
+                                         reference_tile=tiles.get(r["material"]),
+                                         losses=list(before.get(r["material"], [])))
                                for r in data.get("ranking", []) if r["material"] in thumbs]
+            self.progress.refining = None
+            self.candidatesReset.emit()
             self.candidatesChanged.emit()
         elif ev.kind == "stage" and "candidate" in data:
             self._set_refining(int(data["candidate"]))

@@ -18,7 +18,7 @@ EVENT_KINDS = ("stage", "candidates", "iteration", "preview", "finished", "faile
 @dataclass
 class FitEvent:
     kind: str                      # one of EVENT_KINDS
-    stage: str = ""                # "load", "describe", "rank", "refine", "export"
+    stage: str = ""                # "load", "describe", "rank", "screen", "refine", "export"
     message: str = ""
     progress: float = 0.0          # overall, 0..1
     eta_s: float | None = None

@@ -425,12 +425,13 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         refine_from = 0.45
         _emit(sink, "stage", stage="screen", progress=0.25,
               message=f"screening the best {len(pool)} materials with a short refinement")
+        # equal slices: the re-ranking compares the candidates after the same refinement time
+        each = max(0.0, min(opts.screen_share * opts.budget_s, deadline - time.time())) / len(pool)
         for ci, r in enumerate(pool):
             cancel.check("the fit")
             mid = r["material"]
             cand = Candidate(material_id=mid, scale=r["scale"], x_initial=r["x"], distance_initial=float("nan"),
                              predictor=r["source"])
-            each = max(0.0, min(opts.screen_share * opts.budget_s, deadline - time.time())) / (len(pool) - ci)
             _emit(sink, "stage", stage="screen", message=f"screening {mid} ({ci + 1}/{len(pool)})",
                   progress=0.25 + 0.2 * ci / len(pool), data={"candidate": ci, "material": mid})
             refine(scenes[mid], target.by_scale[r["scale"]], desc, cand, opts, each, sink, cancel, ci, len(pool),

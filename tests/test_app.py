@@ -273,6 +273,40 @@ def test_a_long_session_cannot_exhaust_none_or_true(qtbot):
     assert sys.getrefcount(None) > 1000 and sys.getrefcount(True) > 1000
 
 
+def test_screening_then_refinement_events_keep_each_materials_loss_curve(qtbot):
+    """A fit sends "candidates" twice: the screened pool after ranking, then the final top-3.
+    Materials that stay keep their loss curves in the model and the plot; the strip shows
+    the current list."""
+    from fitting.events import FitEvent
+    w = new_window(qtbot)
+    m = w.model
+    m.begin_fit()
+    thumb = np.zeros((8, 8), np.uint8)
+    pool = ["a", "b", "c", "d"]
+
+    def candidates(ids, stage):
+        m.apply_event(FitEvent("candidates", stage=stage, progress=0.3,
+                               data={"ranking": [{"material": k, "title": k, "distance": 1.0, "scale": 256}
+                                                 for k in ids],
+                                     "thumbnails": {k: thumb for k in ids}}))
+
+    candidates(pool, "rank")
+    for i, k in enumerate(pool):
+        for it in range(i + 1):
+            m.apply_event(FitEvent("iteration", stage="screen", progress=0.35,
+                                   data={"candidate": i, "material": k, "loss": 1.0 - 0.1 * it}))
+    assert [len(s) for s in w.loss_plot.series()] == [1, 2, 3, 4]
+    candidates(["d", "b", "a"], "screen")          # re-ranked by the screened distance
+    assert [c.material_id for c in m.candidates] == ["d", "b", "a"]
+    assert [len(c.losses) for c in m.candidates] == [4, 2, 1]
+    assert w.loss_plot.series() == [c.losses for c in m.candidates]
+    m.apply_event(FitEvent("iteration", stage="refine", progress=0.6,
+                           data={"candidate": 0, "material": "d", "loss": 0.2}))
+    assert len(m.candidates[0].losses) == 5 and len(w.loss_plot.series()[0]) == 5
+    assert m.progress.refining == 0
+    m.end_fit("cancelled")
+
+
 def test_bulk_outline_overlay_colours_each_particle():
     image = np.full((8, 8), 100, np.uint8)
     mask = np.zeros((8, 8), np.int32)
