@@ -45,7 +45,7 @@ class FitOptions:
     backbone: str = "vgg16-hed"
     preview_every: int = 5           # iterations between preview events
     lr: float = 0.04
-    patience: int = 12               # iterations without improvement before stopping
+    patience: int = 12               # whole-render iterations without improvement before stopping
     hist_weight: float = 1.0
     # Side of the random square crop of each refinement render that the descriptor loss sees, as
     # a fraction of the render size (1 = the whole render). The reference is described by tiles
@@ -583,6 +583,11 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
     loss_desc, loss_target, crop = crop_loss_target(desc, tgt, opts)
     crop_rng = np.random.default_rng([opts.seed, index, first_iteration, 0xC409])
     p0, p1 = progress_range
+    # A crop's loss is noisier and ~2.4x cheaper than the whole render's: scale the patience by
+    # the side ratio so early stopping waits about as long in time (with a patience of 12 crop
+    # iterations, the best candidate's refinement stopped "converged" in 14 of 30 synthetic
+    # fits, 7 of them without any gain).
+    patience = int(round(opts.patience * (opts.size / crop))) if crop else opts.patience
     optim = torch.optim.Adam([free], lr=opts.lr)
     q_ref = tgt["quantiles"]
     best_x, best_loss, since_best = cand.x_initial.copy(), math.inf, 0
@@ -635,7 +640,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
             _emit(sink, "preview", stage=stage, progress=frac,
                   data={"candidate": index, "material": mat.id, "iteration": first_iteration + it + 1,
                         "image": (np.clip(img.detach().numpy(), 0, 1) * 255).astype(np.uint8)})
-        if since_best >= opts.patience:
+        if since_best >= patience:
             cand.stopped = "converged"
             break
     final = evaluate_distance(scene, best_x, desc, tgt["descriptor"])
