@@ -70,6 +70,9 @@ class FitOptions:
         if not 0.0 <= float(self.loss_crop) <= 1.0:
             raise MatfitError(f"loss_crop must be a fraction in 0..1, got {self.loss_crop}",
                               hint="0.5 = a crop of half the render's side; 1 = the whole render")
+        if int(self.screen) < 0 or not 0.0 <= float(self.screen_share) < 1.0:
+            raise MatfitError(f"screen must be >= 0 and screen_share in [0, 1), got {self.screen}, "
+                              f"{self.screen_share}", hint="screen 0 (or <= top_k) turns screening off")
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

@@ -156,6 +156,8 @@ def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
     assert same is desc and none == 0 and whole is tgt["descriptor"]
     with pytest.raises(MatfitError, match="loss_crop"):
         FitOptions(loss_crop=2.0)
+    with pytest.raises(MatfitError, match="screen"):
+        FitOptions(screen_share=1.5)
 
 
 def torch_allclose(a, b) -> bool:
