@@ -52,8 +52,9 @@ class FitOptions:
     # of the same side at the same pixel scale; Gram matrices are position averages, so a crop's
     # is a noisy sample of the whole image's, and a new crop every iteration averages out like
     # the render noise. VGG forward+backward is ~85 % of a whole-render iteration and scales with
-    # the pixel count: a 128 px crop of a 256 px render gave 2.4x the iterations in the same time
-    # and a lower final distance on 8 of 10 targets (benchmarks/results/fit_crop.json).
+    # the pixel count: a 128 px crop of a 256 px render gave 2.5x the iterations in the same time,
+    # a lower final distance on 6 of 10 targets and a lower median (0.338 vs 0.353) and mean
+    # (0.335 vs 0.410) (benchmarks/results/fit_crop.json).
     loss_crop: float = 0.5
     materials: list[str] | None = None   # restrict the library (tests, power users)
     scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
