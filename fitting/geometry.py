@@ -472,8 +472,8 @@ class _MeshBuilder:
             return
         f = tf[None, :, :] + (self.nv + V * np.arange(k))[:, None, None]
         if transforms is not None:
-            affine = (v[0] - v[0].mean(0), _normalize(n[0].astype(np.float64)), np.asarray(transforms, np.float64))
-            affine = tuple(a.astype(np.float32) for a in affine)
+            affine = ((v[0] - v[0].mean(0)).astype(np.float32), _normalize(n[0].astype(np.float64)).astype(np.float32),
+                      np.asarray(transforms, np.float32))
         else:
             affine = _affine_group(v, n)
         if affine is not None:

@@ -20,6 +20,19 @@ import numpy as np
 
 
 @nb.njit(cache=True)
+def _clear_of(x0, x1, x2, pos, dj, k):
+    """True when the point (x0, x1, x2) keeps at least the contact distance ``dj[q]`` (less a
+    1e-6 relative tolerance) from each of the first ``k`` primaries."""
+    for q in range(k):
+        dx = x0 - pos[q, 0]
+        dy = x1 - pos[q, 1]
+        dz = x2 - pos[q, 2]
+        if math.sqrt(dx * dx + dy * dy + dz * dz) < dj[q] * (1 - 1e-6):
+            return False
+    return True
+
+
+@nb.njit(cache=True)
 def grow_centres(radii, df, overlap, rng, kf):
     """Centres (n,3) of an aggregate of primaries with ``radii``, about its centre of mass.
 
@@ -111,15 +124,7 @@ def grow_centres(radii, df, overlap, rng, kf):
                     X0 = cm0 + t * e0 + rr * (c * u0 + s * w0)
                     X1 = cm1 + t * e1 + rr * (c * u1 + s * w1)
                     X2 = cm2 + t * e2 + rr * (c * u2 + s * w2)
-                    ok = True
-                    for q in range(k):
-                        dx = X0 - pos[q, 0]
-                        dy = X1 - pos[q, 1]
-                        dz = X2 - pos[q, 2]
-                        if math.sqrt(dx * dx + dy * dy + dz * dz) < dj[q] * (1 - 1e-6):
-                            ok = False
-                            break
-                    if ok:
+                    if _clear_of(X0, X1, X2, pos, dj, k):
                         found = True
                         x0, x1, x2 = X0, X1, X2
                         break
@@ -137,15 +142,7 @@ def grow_centres(radii, df, overlap, rng, kf):
                 X0 = pos[j, 0] + dj[j] * (g[b, 0] / gn)
                 X1 = pos[j, 1] + dj[j] * (g[b, 1] / gn)
                 X2 = pos[j, 2] + dj[j] * (g[b, 2] / gn)
-                ok = True
-                for q in range(k):
-                    dx = X0 - pos[q, 0]
-                    dy = X1 - pos[q, 1]
-                    dz = X2 - pos[q, 2]
-                    if math.sqrt(dx * dx + dy * dy + dz * dz) < dj[q] * (1 - 1e-6):
-                        ok = False
-                        break
-                if ok:
+                if _clear_of(X0, X1, X2, pos, dj, k):
                     err = abs(math.sqrt((X0 - cm0) ** 2 + (X1 - cm1) ** 2 + (X2 - cm2) ** 2) - gamma)
                     if err < besterr:
                         besterr = err

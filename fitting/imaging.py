@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .nodes import shifted_sum
 from .render import _mi, direction_from_angles
 
 # name -> default physical value
@@ -67,14 +68,9 @@ def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor, max_radius: int = 12) 
     # path for one channel; this is 2-2.6x faster at 512 px (1.1 vs 3.0 ms for radius 3,
     # 3.8 vs 6.6 ms for radius 12, one thread) and stays differentiable in img and sigma.
     x = F.pad(img[None, None], (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")[0, 0]
-    acc = k[0] * x[:, 0:w]
-    for i in range(1, 2 * radius + 1):
-        acc = acc + k[i] * x[:, i:i + w]
-    x = F.pad(acc[None, None], (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")[0, 0]
-    acc = k[0] * x[0:h]
-    for i in range(1, 2 * radius + 1):
-        acc = acc + k[i] * x[i:i + h]
-    return acc
+    x = shifted_sum(x, k, w, dim=1)
+    x = F.pad(x[None, None], (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")[0, 0]
+    return shifted_sum(x, k, h, dim=0)
 
 
 def noise_generator(seed: int) -> torch.Generator:

@@ -244,6 +244,16 @@ def slopes(height: Tensor) -> tuple[Tensor, Tensor]:
 _BLUR_FFT_RADIUS = 6  # above this kernel radius the FFT path is faster (and its backward much faster)
 
 
+def shifted_sum(x: Tensor, k: Tensor, n: int, dim: int) -> Tensor:
+    """``sum_i k[i] * x.narrow(dim, i, n)``: a 1-D correlation along ``dim`` of ``x`` padded by
+    ``len(k) - 1`` there. One pass of a separable blur, as weighted sums of shifted views
+    (differentiable in ``x`` and ``k``; torch's CPU convolution has no fast one-channel path)."""
+    acc = k[0] * x.narrow(dim, 0, n)
+    for i in range(1, len(k)):
+        acc = acc + k[i] * x.narrow(dim, i, n)
+    return acc
+
+
 def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
     """Separable Gaussian blur of a (H, W) map with the kernel built from ``sigma``
     (differentiable; radius ceil(4 sigma), normalised), reflected borders. Small kernels use
@@ -258,13 +268,7 @@ def gaussian_blur(img: Tensor, sigma: Tensor) -> Tensor:
     k = k / k.sum()
     x = F.pad(img.reshape(1, 1, H, W), (r, r, r, r), mode="reflect")[0, 0]
     if r <= _BLUR_FFT_RADIUS:
-        y = k[0] * x[:, 0:W]
-        for i in range(1, 2 * r + 1):
-            y = y + k[i] * x[:, i:i + W]
-        z = k[0] * y[0:H]
-        for i in range(1, 2 * r + 1):
-            z = z + k[i] * y[i:i + H]
-        return z
+        return shifted_sum(shifted_sum(x, k, W, dim=1), k, H, dim=0)
     hp, wp = x.shape
 
     def centred(n: int) -> Tensor:  # kernel laid out circularly around index 0
