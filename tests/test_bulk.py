@@ -23,6 +23,25 @@ SIZE = 128
 
 
 # ----------------------------------------------------------------------------------------------
+# PNG encoding of the set's files (OpenCV, fixed filter): lossless, the modes PIL readers expect
+# ----------------------------------------------------------------------------------------------
+def test_png_bytes_are_lossless_8_and_16_bit():
+    import io
+    from fitting.bulk import png_bytes
+    rng = np.random.default_rng(3)
+    img8 = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    mask16 = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
+    gray = rng.random((37, 53)).astype(np.float32) * 1.2 - 0.1       # out-of-range values clip
+    expected_gray = (np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    for arr, mode, expected in ((img8, "L", img8), (mask16, "I;16", mask16), (gray, "L", expected_gray)):
+        im = Image.open(io.BytesIO(png_bytes(arr)))
+        assert im.format == "PNG" and im.mode == mode and im.size == (53, 37)
+        np.testing.assert_array_equal(np.asarray(im), expected)
+    with pytest.raises(ValueError, match="2-D gray"):
+        png_bytes(np.zeros((4, 4, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
 # quality metrics (numpy only)
 # ----------------------------------------------------------------------------------------------
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
