@@ -170,14 +170,19 @@ def speed(args) -> dict:
     """Seconds per refinement iteration as ``refine`` runs it, split into stages.
 
     ``whole_render``: the descriptor loss on the whole 256 px render; ``crop128``: on a random
-    128 px crop of it at native pixel scale (``FitOptions.loss_crop``, the default).
+    128 px crop of it at native pixel scale (``FitOptions.loss_crop``, the default). Each in
+    float32 and with the VGG pass in bfloat16 (``FitOptions.loss_precision``; "auto" picks it on
+    CPUs with bfloat16 instructions): keys ending in ``_bf16``.
     """
     from fitting.descriptor import TextureDescriptor, descriptor_distance
     from fitting.library import load_library
     from fitting.scene import MaterialScene, RenderSettings
     desc = TextureDescriptor()
     out = {}
-    for key, crop in (("whole_render", 0), ("crop128", 128)):    # loss_crop 1 and 0.5 at 256 px
+    from fitting.runtime import cpu_has_fast_bf16
+    out["cpu_has_fast_bf16"] = cpu_has_fast_bf16()
+    for key, crop, bf16 in (("whole_render", 0, False), ("crop128", 128, False),     # loss_crop 1, 0.5
+                            ("whole_render_bf16", 0, True), ("crop128_bf16", 128, True)):
         out[key] = {}
         ldesc = TextureDescriptor(work_size=crop) if crop else desc
         rng = np.random.default_rng(0)
@@ -201,7 +206,9 @@ def speed(args) -> dict:
                 if crop:
                     y0, x0_ = (int(v) for v in rng.integers(0, 256 - crop + 1, size=2))
                     img = img[y0:y0 + crop, x0_:x0_ + crop]
-                loss = descriptor_distance(ldesc.describe(img[None, None]), target).mean()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    seen = ldesc.describe(img[None, None])
+                loss = descriptor_distance(seen.float(), target).mean()
                 d = time.perf_counter()
                 loss.backward()
                 e = time.perf_counter()

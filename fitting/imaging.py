@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .nodes import shifted_sum
-from .render import _mi, direction_from_angles
+from .render import _mi, direction_from_angles, spawn_ray
 
 # name -> default physical value
 COMMON_POST = {
@@ -188,21 +188,33 @@ class TEMModel(ImagingModel):
         n_cross = int((tp or {}).get("max_crossings", self.TRACE_PARAMS["max_crossings"]))
         length = dr.zeros(mi.Float, s.n)
         if r.scene is not None:
-            depth = dr.zeros(mi.Int32, s.n)
-            hit = s.surface
-            active = s.hit
+            # Only the rays still inside the particle field are traced further: after each
+            # crossing the live rays are compacted (dr.compress) instead of masked. Masked lanes
+            # cost nearly as much as live ones, and most rays leave after 2-4 crossings (carbon
+            # black, 256 px, 4 spp: 61k of 262k samples hit, 17k after 4 crossings, 332 after 12):
+            # the trace went from 83 to ~15 ms with bit-identical path lengths.
+            # one kernel for the primary hits: each later read of a still-lazy field (compress,
+            # gathers, the caller's final eval) would re-run the primary intersection
+            dr.eval(s.hit, s.surface.p, s.surface.n, s.normal, s.particle)
+            idx = dr.compress(s.hit)                   # sample index of every live ray
+            p = dr.gather(mi.Point3f, s.surface.p, idx)
+            n = dr.gather(mi.Vector3f, s.surface.n, idx)
+            depth = dr.zeros(mi.Int32, dr.width(idx))
             d = mi.Vector3f(0, 0, -1)
             for _ in range(n_cross):
-                entering = dr.dot(hit.n, d) < 0
-                depth = dr.select(active, depth + dr.select(entering, 1, -1), depth)
-                nxt = r.intersect(hit.spawn_ray(d), active)
-                ok = active & nxt.valid
-                seg = dr.norm(nxt.p - hit.p)
-                length += dr.select(ok & (depth > 0), seg, 0.0)
-                hit = nxt
-                active = ok
-                dr.eval(length, depth, active)
-                hit.eval()
+                if dr.width(idx) == 0:
+                    break
+                depth += dr.select(dr.dot(n, d) < 0, 1, -1)          # entering / leaving
+                nxt = r.intersect(spawn_ray(p, n, d))
+                seg = dr.select(nxt.valid & (depth > 0), dr.norm(nxt.p - p), 0.0)
+                dr.eval(nxt.valid, nxt.p, nxt.n, seg, depth)         # one intersection kernel
+                dr.scatter_add(length, seg, idx)                     # idx unique: no reordering
+                live = dr.compress(nxt.valid)
+                idx = dr.gather(mi.UInt32, idx, live)
+                depth = dr.gather(mi.Int32, depth, live)
+                p = dr.gather(mi.Point3f, nxt.p, live)
+                n = dr.gather(mi.Vector3f, nxt.n, live)
+                dr.eval(length, idx, depth, p, n)
         return {"length": length / r.length_scale, "nz": s.normal.z}
 
     def shade(self, r, g, t, s):

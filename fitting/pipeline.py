@@ -32,6 +32,7 @@ from .events import CancelToken, EventSink, FitEvent, null_sink
 SIZE_PARAMS = ("size_mean", "primary_size", "length_mean", "diameter")
 DENSITY_PARAMS = ("coverage",)
 EVAL_SEEDS = (1001, 1002)
+LOSS_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -66,11 +67,21 @@ class FitOptions:
     # fits although its own parameters matched better than the winner's refined ones.
     screen: int = 5
     screen_share: float = 0.25
+    # Arithmetic of the refinement loss's VGG pass: "bfloat16" (autocast), "float32", or "auto" =
+    # bfloat16 on CPUs with bfloat16 instructions (cpu_has_fast_bf16), float32 elsewhere. VGG16
+    # forward+backward on this machine (2 cores, AVX512-BF16): 128 px 127 -> 71 ms, 256 px 467 ->
+    # 238 ms; the loss moved by < 0.05 % and the image gradient kept a cosine of 0.983-0.999 to
+    # float32's on four texture pairs. Distances that rank, screen and choose materials
+    # (evaluate_distance) are always float32.
+    loss_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.loss_crop) <= 1.0:
             raise MatfitError(f"loss_crop must be a fraction in 0..1, got {self.loss_crop}",
                               hint="0.5 = a crop of half the render's side; 1 = the whole render")
+        if self.loss_precision not in LOSS_PRECISIONS:
+            raise MatfitError(f"loss_precision must be one of {', '.join(LOSS_PRECISIONS)}, got {self.loss_precision!r}",
+                              hint="auto picks bfloat16 on CPUs with bfloat16 instructions, else float32")
         if int(self.screen) < 0 or not 0.0 <= float(self.screen_share) < 1.0:
             raise MatfitError(f"screen must be >= 0 and screen_share in [0, 1), got {self.screen}, "
                               f"{self.screen_share}", hint="screen 0 (or <= top_k) turns screening off")
@@ -500,6 +511,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         descriptor={"backbone": desc.backbone_id, "work_size": opts.size, "layers": list(desc.layers)},
         reference={**ref.to_dict(), "working_scale": best.scale},
         fit={"options": opts.to_dict(),
+             "loss_precision": loss_precision(opts, desc.device),
              "top": [c.summary() for c in candidates],
              "ranking": [_ranking_row(r) for r in ranking],
              "loss_history": {c.material_id: _history_summary(c.history) for c in candidates},
@@ -566,6 +578,14 @@ def crop_loss_target(desc, tgt: dict, opts: FitOptions):
     return cdesc, tgt[key], crop
 
 
+def loss_precision(opts: FitOptions, device: torch.device) -> str:
+    """The arithmetic the refinement loss's VGG pass runs in: "float32" or "bfloat16"."""
+    if opts.loss_precision != "auto":
+        return opts.loss_precision
+    from .runtime import cpu_has_fast_bf16
+    return "bfloat16" if torch.device(device).type == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
 def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: float, sink: EventSink,
            cancel: CancelToken, index: int, total: int, stage: str = "refine",
            progress_range: tuple[float, float] = (0.25, 0.95), known_initial: float | None = None,
@@ -585,6 +605,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
                              else evaluate_distance(scene, cand.x_initial, desc, tgt["descriptor"]))
     free = x0[mask].clone().requires_grad_(True)
     loss_desc, loss_target, crop = crop_loss_target(desc, tgt, opts)
+    bf16 = loss_precision(opts, loss_desc.device) == "bfloat16"
     crop_rng = np.random.default_rng([opts.seed, index, first_iteration, 0xC409])
     p0, p1 = progress_range
     # A crop's loss is noisier and ~2.4x cheaper than the whole render's: scale the patience by
@@ -613,7 +634,9 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
         if crop:
             y0, x0_ = (int(v) for v in crop_rng.integers(0, img.shape[-1] - crop + 1, size=2))
             seen = img[y0:y0 + crop, x0_:x0_ + crop]
-        d = descriptor_distance(loss_desc.describe(seen[None, None]), loss_target).mean()
+        with torch.autocast(loss_desc.device.type, dtype=torch.bfloat16, enabled=bf16):
+            seen_desc = loss_desc.describe(seen[None, None])
+        d = descriptor_distance(seen_desc.float(), loss_target).mean()
         hist = (sorted_pixels(img) - q_ref).abs().mean()
         loss = d + opts.hist_weight * hist
         optim.zero_grad()

@@ -139,6 +139,15 @@ def build_scene(layout, instancing: bool = True) -> ParticleScene:
                          mi.UInt32(loose_particle), off, pid, nm, len(inst_keys))
 
 
+def spawn_ray(p, n, d) -> Any:
+    """A ray from surface point ``p`` (geometric normal ``n``) along ``d``, its origin nudged
+    off the surface to the side ``d`` leaves by, like Mitsuba's own spawn_ray."""
+    dr, mi = _mi()
+    mag = (1.0 + dr.max(dr.abs(p))) * _RAY_EPSILON
+    mag = dr.select(dr.dot(n, d) < 0, -mag, mag)
+    return mi.Ray3f(o=mi.Point3f(p + n * mag), d=d)
+
+
 @dataclass
 class Hit:
     """A ray's first particle hit, in world space (Dr.Jit arrays; undefined where not valid)."""
@@ -150,10 +159,7 @@ class Hit:
 
     def spawn_ray(self, d) -> Any:
         """A ray leaving the surface along ``d`` (origin nudged off the surface, like Mitsuba)."""
-        dr, mi = _mi()
-        mag = (1.0 + dr.max(dr.abs(self.p))) * _RAY_EPSILON
-        mag = dr.select(dr.dot(self.n, d) < 0, -mag, mag)
-        return mi.Ray3f(o=mi.Point3f(self.p + self.n * mag), d=d)
+        return spawn_ray(self.p, self.n, d)
 
     def eval(self) -> None:
         dr, _ = _mi()

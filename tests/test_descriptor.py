@@ -327,6 +327,26 @@ def test_gradient_matches_finite_difference():
     torch.testing.assert_close(x32.grad.double(), grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
 
 
+@needs_hed
+def test_bfloat16_loss_gradient_follows_the_float32_one():
+    """FitOptions.loss_precision="bfloat16" runs the refinement loss's VGG pass under bfloat16
+    autocast: its loss and image gradient must stay close to float32's (measured 0.05 % and a
+    cosine of 0.983-0.999 on 128 px textures; here 64 px, looser bounds)."""
+    small = TextureDescriptor(work_size=64)
+    target = small.describe(torch.from_numpy(_disks(6, 3, 64)).float()[None, None])
+    out = {}
+    for bf16 in (False, True):
+        x = torch.from_numpy(_bandpass_noise(8, 3, 64)).float()[None, None].requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v = small.describe(x)
+        assert v.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        loss = descriptor_distance(v.float(), target).sum()
+        loss.backward()
+        out[bf16] = (loss.item(), x.grad.flatten())
+    assert out[True][0] == pytest.approx(out[False][0], rel=0.01)
+    assert torch.nn.functional.cosine_similarity(out[True][1], out[False][1], dim=0) > 0.95
+
+
 # ---------------------------------------------------------------------------------------------
 # references
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def test_recipe_records_the_audit_trail(small_fit, tmp_path):
     assert d["descriptor"]["backbone"] == "vgg16-hed"
     assert d["reference"]["sha256"] and d["reference"]["name"] == "example_sem.png"
     assert len(d["fit"]["top"]) == 3 and d["fit"]["timings"]["total"] > 0
+    assert d["fit"]["loss_precision"] in ("float32", "bfloat16")
     assert any(p["refined"] for p in d["parameters"].values())
     assert all("initial" in p for p in d["parameters"].values())
     back = Recipe.load(path)
@@ -158,6 +159,19 @@ def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
         FitOptions(loss_crop=2.0)
     with pytest.raises(MatfitError, match="screen"):
         FitOptions(screen_share=1.5)
+
+
+def test_loss_precision_option():
+    import torch
+    from fitting.errors import MatfitError
+    from fitting.pipeline import FitOptions, loss_precision
+    from fitting.runtime import cpu_has_fast_bf16
+    cpu = torch.device("cpu")
+    assert loss_precision(FitOptions(loss_precision="float32"), cpu) == "float32"
+    assert loss_precision(FitOptions(loss_precision="bfloat16"), cpu) == "bfloat16"
+    assert loss_precision(FitOptions(), cpu) == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+    with pytest.raises(MatfitError, match="loss_precision"):
+        FitOptions(loss_precision="float16")
 
 
 def torch_allclose(a, b) -> bool:
