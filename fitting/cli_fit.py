@@ -140,8 +140,9 @@ def register(sub) -> None:
     f.add_argument("--loss-crop", type=float, default=0.5, metavar="F",
                    help="refinement loss on a random crop of F x the render's side (default 0.5; 1 = whole render)")
     f.add_argument("--loss-precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="arithmetic of the refinement loss's VGG pass (default auto: bfloat16 on CPUs "
-                        "with bfloat16 instructions, about 2x faster)")
+                   help="arithmetic of the ranking's and the refinement loss's VGG passes (default auto: "
+                        "bfloat16 on CPUs with bfloat16 instructions, about 2x faster; reported distances "
+                        "are float32 either way)")
     f.add_argument("--materials", help="comma-separated material ids to consider (default: all)")
     f.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

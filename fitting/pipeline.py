@@ -67,12 +67,13 @@ class FitOptions:
     # fits although its own parameters matched better than the winner's refined ones.
     screen: int = 5
     screen_share: float = 0.25
-    # Arithmetic of the refinement loss's VGG pass: "bfloat16" (autocast), "float32", or "auto" =
-    # bfloat16 on CPUs with bfloat16 instructions (cpu_has_fast_bf16), float32 elsewhere. VGG16
-    # forward+backward on this machine (2 cores, AVX512-BF16): 128 px 127 -> 71 ms, 256 px 467 ->
-    # 238 ms; the loss moved by < 0.05 % and the image gradient kept a cosine of 0.983-0.999 to
-    # float32's on four texture pairs. Distances that rank, screen and choose materials
-    # (evaluate_distance) are always float32.
+    # Arithmetic of the VGG passes of the ranking renders and of the refinement loss: "bfloat16"
+    # (autocast), "float32", or "auto" = bfloat16 on CPUs with bfloat16 instructions
+    # (cpu_has_fast_bf16), float32 elsewhere. VGG16 forward+backward on this machine (2 cores,
+    # AVX512-BF16): 128 px 127 -> 71 ms, 256 px 467 -> 238 ms; the loss moved by < 0.05 % and the
+    # image gradient kept a cosine of 0.983-0.999 to float32's on four texture pairs. The
+    # distances that screen and choose the result and that are reported (evaluate_distance)
+    # are always float32.
     loss_precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -318,6 +319,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
     from .predictor import load_predictor
     quant = target.by_scale[target.scales[0]]["quantiles"]   # gray levels barely depend on scale
     seed = opts.seed + 17
+    precision = loss_precision(opts, desc.device)
     best: dict[str, dict] = {}
     proposals: dict[str, dict[int, np.ndarray]] = {}
     sources: dict[str, str] = {}
@@ -326,7 +328,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         x = match_noise(lib[mid], x, target.noise)
         x, img = match_tone(scenes[mid], x, quant, seed)
         with torch.no_grad():
-            dvec = desc.describe(img[None, None])
+            dvec = describe_in(desc, img[None, None], precision)
         for s in target.scales:
             d = float(descriptor_distance(dvec, target.by_scale[s]["descriptor"]).mean())
             if mid not in best or d < best[mid]["distance"]:
@@ -579,11 +581,18 @@ def crop_loss_target(desc, tgt: dict, opts: FitOptions):
 
 
 def loss_precision(opts: FitOptions, device: torch.device) -> str:
-    """The arithmetic the refinement loss's VGG pass runs in: "float32" or "bfloat16"."""
+    """The arithmetic the ranking's and the refinement loss's VGG passes run in: "float32" or
+    "bfloat16" (FitOptions.loss_precision resolved for ``device``)."""
     if opts.loss_precision != "auto":
         return opts.loss_precision
     from .runtime import cpu_has_fast_bf16
     return "bfloat16" if torch.device(device).type == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
+def describe_in(desc, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """``desc.describe(images)`` with the VGG pass in ``precision``; float32 descriptors."""
+    with torch.autocast(desc.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        return desc.describe(images).float()
 
 
 def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: float, sink: EventSink,
@@ -605,7 +614,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
                              else evaluate_distance(scene, cand.x_initial, desc, tgt["descriptor"]))
     free = x0[mask].clone().requires_grad_(True)
     loss_desc, loss_target, crop = crop_loss_target(desc, tgt, opts)
-    bf16 = loss_precision(opts, loss_desc.device) == "bfloat16"
+    precision = loss_precision(opts, loss_desc.device)
     crop_rng = np.random.default_rng([opts.seed, index, first_iteration, 0xC409])
     p0, p1 = progress_range
     # A crop's loss is noisier and ~2.4x cheaper than the whole render's: scale the patience by
@@ -634,9 +643,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
         if crop:
             y0, x0_ = (int(v) for v in crop_rng.integers(0, img.shape[-1] - crop + 1, size=2))
             seen = img[y0:y0 + crop, x0_:x0_ + crop]
-        with torch.autocast(loss_desc.device.type, dtype=torch.bfloat16, enabled=bf16):
-            seen_desc = loss_desc.describe(seen[None, None])
-        d = descriptor_distance(seen_desc.float(), loss_target).mean()
+        d = descriptor_distance(describe_in(loss_desc, seen[None, None], precision), loss_target).mean()
         hist = (sorted_pixels(img) - q_ref).abs().mean()
         loss = d + opts.hist_weight * hist
         optim.zero_grad()
