@@ -40,7 +40,10 @@ def doctor_report(device: str = "auto") -> tuple[dict, list[str]]:
         rep["variant"] = None
     try:
         import torch
+        from .runtime import cpu_has_fast_bf16
         rep["torch"] = torch.__version__
+        # what FitOptions.loss_precision="auto" picks for the VGG passes on the CPU
+        rep["vgg_precision_cpu"] = "bfloat16" if cpu_has_fast_bf16() else "float32"
     except ImportError:
         problems.append("torch is not installed: run ./install.sh")
     try:

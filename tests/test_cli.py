@@ -33,6 +33,7 @@ def test_doctor_json_reports_the_runtime():
         assert int(d["llvm_version"].split(".")[0]) >= 19
     assert d["materials"] >= 10 and d["backbones"]["vgg16-hed"].startswith("ok")
     assert set(d["predictors"].values()) <= {"missing", "current", "stale"}
+    assert d["vgg_precision_cpu"] in ("float32", "bfloat16")
 
 
 def test_too_old_llvm_gives_an_install_hint_and_never_loads_drjit(tmp_path):
