@@ -87,11 +87,11 @@ def build_scene(layout, instancing: bool = True) -> ParticleScene:
     ``instancing=False`` forces the merged mesh (tests compare both paths).
     """
     dr, mi = _mi()
-    if layout.faces.shape[0] == 0:
+    if layout.n_triangles == 0:
         z = mi.UInt32(0)
         return ParticleScene(None, mi.Float(0, 0, 0), mi.Float(0, 0, 1), mi.UInt32(0, 0, 0), z, None, None, None, 0)
     groups = list(getattr(layout, "instances", []) or []) if instancing else []
-    loose = np.asarray(layout.loose_faces, np.int64) if groups else np.arange(layout.faces.shape[0])
+    loose = np.asarray(layout.loose_faces, np.int64) if groups else np.arange(layout.n_triangles)
     desc: dict[str, Any] = {"type": "scene"}
     pos, nrm, fac = [], [], []
     nv = nf = 0
@@ -104,39 +104,52 @@ def build_scene(layout, instancing: bool = True) -> ParticleScene:
         loose_particle = layout.face_particle[loose].astype(np.uint32)
         pos.append(lv), nrm.append(ln), fac.append(lf)
         nv, nf = len(lv), len(lf)
-    inst_keys: dict[str, tuple[int, int, np.ndarray]] = {}      # key -> (face offset, pid, normal matrix)
+    # per instance, in creation order: its group's first face, particle id, normal matrix
+    inst_index: dict[str, int] = {}
+    inst_off, inst_pid, inst_nm = [], [], []
     for gi, g in enumerate(groups):
         gid = f"group{gi}"
         desc[gid] = {"type": "shapegroup", "mesh": _mesh(gid, g.vertices, g.normals, g.faces)}
         pos.append(g.vertices), nrm.append(g.normals), fac.append(g.faces + nv)
         mats = g.matrices.astype(np.float64)
-        normal_mats = np.transpose(np.linalg.inv(mats[:, :, :3]), (0, 2, 1))   # inverse transposes, batched
+        inst_nm.append(np.transpose(np.linalg.inv(mats[:, :, :3]), (0, 2, 1)).reshape(-1, 9))  # inverse transposes
+        inst_off.append(np.full(len(mats), nf, np.uint32))
+        inst_pid.append(g.pids.astype(np.uint32))
         T = np.zeros((len(mats), 4, 4))
         T[:, :3, :] = mats
         T[:, 3, 3] = 1.0
         # nested lists: ScalarTransform4f converts them ~8x faster than numpy rows (1.7 vs 15 us)
-        for T_j, nm_j, pid in zip(T.tolist(), normal_mats, g.pids.tolist()):
+        for T_j, pid in zip(T.tolist(), g.pids.tolist()):
             key = f"p{pid}_{gi}"
             desc[key] = {"type": "instance", "shapegroup": {"type": "ref", "id": gid},
                          "to_world": mi.ScalarTransform4f(T_j)}
-            inst_keys[key] = (nf, pid, nm_j)
+            inst_index[key] = len(inst_index)
         nv += len(g.vertices)
         nf += len(g.faces)
     scene = mi.load_dict(desc)
     off = pid = nm = None
-    if inst_keys:
-        shapes = [sh for sh in scene.shapes() if sh.id() in inst_keys]
+    if inst_index:
+        # Tables indexed by each instance's Dr.Jit registry id (what ray_intersect_preliminary
+        # reports), filled with one fancy assignment (a per-shape loop was 4.4 ms for 481
+        # carbon-black primaries).
+        shapes, order = [], []
+        for sh in scene.shapes():
+            k = inst_index.get(sh.id())
+            if k is not None:
+                shapes.append(sh)
+                order.append(k)
         reg = np.array(dr.reinterpret_array(mi.UInt32, mi.ShapePtr(shapes)), dtype=np.int64)
+        order = np.asarray(order, np.int64)
         R = int(reg.max()) + 1
         t_off, t_pid, t_nm = np.zeros(R, np.uint32), np.zeros(R, np.uint32), np.zeros((R, 9), np.float32)
-        for sh, r in zip(shapes, reg):
-            t_off[r], t_pid[r], m = inst_keys[sh.id()]
-            t_nm[r] = m.ravel()
+        t_off[reg] = np.concatenate(inst_off)[order]
+        t_pid[reg] = np.concatenate(inst_pid)[order]
+        t_nm[reg] = np.concatenate(inst_nm)[order]
         off, pid, nm = mi.UInt32(t_off), mi.UInt32(t_pid), mi.Float(t_nm.ravel())
     return ParticleScene(scene, mi.Float(np.concatenate(pos).astype(np.float32).ravel()),
                          mi.Float(np.concatenate(nrm).astype(np.float32).ravel()),
                          mi.UInt32(np.concatenate(fac).astype(np.uint32).ravel()),
-                         mi.UInt32(loose_particle), off, pid, nm, len(inst_keys))
+                         mi.UInt32(loose_particle), off, pid, nm, len(inst_index))
 
 
 def spawn_ray(p, n, d) -> Any:
@@ -237,7 +250,8 @@ class SceneRenderer:
         self.size = float(layout.size)
         self.particles = build_scene(layout, instancing=instancing)
         self.scene = self.particles.scene
-        self.z_top = float(layout.vertices[:, 2].max() + 1.0) if layout.vertices.size else 1.0
+        # float32 arithmetic: the ray origins' height (layout.z_max is a float32 value)
+        self.z_top = float(np.float32(layout.z_max) + np.float32(1.0)) if layout.n_triangles else 1.0
         attrs = np.concatenate([[0.0], layout.attributes.astype(np.float32)]) if len(layout.attributes) else np.zeros(1, np.float32)
         self._particle_attr = mi.Float(attrs)
         radii = layout.radii if len(layout.radii) else np.array([self.size / 20])

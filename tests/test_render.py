@@ -51,6 +51,14 @@ class TinyLayout:
     attributes: np.ndarray
     size: float
 
+    @property
+    def n_triangles(self) -> int:
+        return len(self.faces)
+
+    @property
+    def z_max(self) -> float:
+        return float(self.vertices[:, 2].max())
+
 
 def sphere_layout(size: int = 64, n: int = 5, seed: int = 0) -> TinyLayout:
     """A handful of spheres resting on the substrate (independent of fitting.geometry)."""
@@ -273,6 +281,9 @@ def test_gaussian_blur_matches_a_reference_convolution_and_its_gradient():
         g_ref = torch.autograd.grad((ref * ref).sum(), (img, s))
         for a, b in zip(g_out, g_ref):
             assert torch.allclose(a, b, atol=1e-10)
+        with torch.no_grad():                    # bulk's in-place path: same values
+            assert torch.allclose(gaussian_blur(img, s), ref, atol=1e-12)
+            assert torch.allclose(gaussian_blur(img.float(), s.float()), ref.float(), atol=1e-6)
 
 
 def test_tem_path_length_is_the_union_chord_of_overlapping_spheres():
