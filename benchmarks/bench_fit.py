@@ -67,7 +67,8 @@ def synthetic(args) -> dict:
         img = scene.render_numpy(x_true, seed=70_000 + i)
         path = tmp / f"target_{i:02d}_{mid}.png"
         atomic_save_png(path, img)
-        opts = FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations)
+        opts = FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations,
+                          **({} if args.loss_crop is None else {"loss_crop": args.loss_crop}))
         # The floor: the same yardstick for the TRUE parameters (the target's own recipe,
         # rendered with the fit's layout and eval seeds, compared at the target's pixel scale).
         # Two layouts of one recipe are never at distance 0, so this is what a perfect fit scores.
@@ -126,7 +127,8 @@ def synthetic(args) -> dict:
         "seconds_per_fit_max": max(r["seconds"] for r in rows),
         "fits_over_budget_plus_10pct": sum(r["seconds"] > 1.1 * args.budget for r in rows),
     }
-    return {"mode": "synthetic", "budget_s": args.budget, "summary": summary, "rows": rows}
+    return {"mode": "synthetic", "budget_s": args.budget, "loss_crop": opts.loss_crop,
+            "screen_loss_crop": opts.screen_loss_crop, "summary": summary, "rows": rows}
 
 
 def real(args) -> dict:
@@ -359,13 +361,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--refine-budget", type=float, default=11.0, help="crop: seconds per refinement")
     ap.add_argument("--refs", default=str(ROOT.parent / "shared" / "reference-images"))
+    ap.add_argument("--loss-crop", type=float, default=None,
+                    help="synthetic/real: FitOptions.loss_crop (default: FitOptions' default)")
+    ap.add_argument("--out", help="result file (default results/fit_<mode>.json)")
     args = ap.parse_args()
     from fitting.runtime import init_mitsuba
     init_mitsuba()
     res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation, "crop": crop}[args.mode](args)
     res["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"fit_{args.mode}.json"
+    out = Path(args.out) if args.out else RESULTS / f"fit_{args.mode}.json"
     out.write_text(json.dumps(res, indent=2, default=float) + "\n")
     print(f"written to {out}")
 

@@ -18,6 +18,7 @@ Emits :class:`FitEvent`s; honours a :class:`CancelToken` between iterations.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,14 +50,22 @@ class FitOptions:
     patience: int = 12               # whole-render iterations without improvement before stopping
     hist_weight: float = 1.0
     # Side of the random square crop of each refinement render that the descriptor loss sees, as
-    # a fraction of the render size (1 = the whole render). The reference is described by tiles
-    # of the same side at the same pixel scale; Gram matrices are position averages, so a crop's
-    # is a noisy sample of the whole image's, and a new crop every iteration averages out like
-    # the render noise. VGG forward+backward is ~85 % of a whole-render iteration and scales with
-    # the pixel count: a 128 px crop of a 256 px render gave 2.5x the iterations in the same time,
-    # a lower final distance on 6 of 10 targets and a lower median (0.338 vs 0.353) and mean
-    # (0.335 vs 0.410) (benchmarks/results/fit_crop.json).
+    # a fraction of the render size (1 = the whole render); ``screen_loss_crop`` for the short
+    # screening refinements, ``loss_crop`` for the final ones. The reference is described by
+    # tiles of the same side at the same pixel scale; Gram matrices are position averages, so a
+    # crop's is a noisy sample of the whole image's. VGG forward+backward dominates an iteration
+    # and scales with the pixel count: a 128 px crop of a 256 px render runs ~2x the iterations
+    # (5.3-6.6 vs 2.5-3.0 per second in bfloat16, fit_speed.json). Measured on 30 synthetic fits
+    # (50 s): crops everywhere: true material in the top 3 in 90 %, median final distance 0.288;
+    # whole-render final refinement after crop screening: 83 %, 0.279 (lower on 16 of 30 fits);
+    # whole renders everywhere: 80 %, 0.262. Top-3 moves by +-2 fits between runs of one
+    # configuration (time-sliced screening), so only the whole-render screening's loss is clear.
+    # Crops stay the default for their speed. Known weakness: an L1 distance of one crop to the
+    # tiles' mean also rewards renders whose crops all look alike; on the bundled example the
+    # crop loss fell from 1.6 to 0.8 while the whole render's distance rose from 0.39 to 0.69
+    # (the fit keeps the initial guess; refined alone with the whole-render loss for 30 s: 0.30).
     loss_crop: float = 0.5
+    screen_loss_crop: float = 0.5
     materials: list[str] | None = None   # restrict the library (tests, power users)
     scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
     search_sizes: bool = True
@@ -77,9 +86,10 @@ class FitOptions:
     loss_precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.loss_crop) <= 1.0:
-            raise MatfitError(f"loss_crop must be a fraction in 0..1, got {self.loss_crop}",
-                              hint="0.5 = a crop of half the render's side; 1 = the whole render")
+        for name in ("loss_crop", "screen_loss_crop"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise MatfitError(f"{name} must be a fraction in 0..1, got {getattr(self, name)}",
+                                  hint="0.5 = a crop of half the render's side; 1 = the whole render")
         if self.loss_precision not in LOSS_PRECISIONS:
             raise MatfitError(f"loss_precision must be one of {', '.join(LOSS_PRECISIONS)}, got {self.loss_precision!r}",
                               hint="auto picks bfloat16 on CPUs with bfloat16 instructions, else float32")
@@ -444,6 +454,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
               message=f"screening the best {len(pool)} materials with a short refinement")
         # equal slices: the re-ranking compares the candidates after the same refinement time
         each = max(0.0, min(opts.screen_share * opts.budget_s, deadline - time.time())) / len(pool)
+        screen_opts = dataclasses.replace(opts, loss_crop=opts.screen_loss_crop)
         for ci, r in enumerate(pool):
             cancel.check("the fit")
             mid = r["material"]
@@ -451,8 +462,8 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                              predictor=r["source"])
             _emit(sink, "stage", stage="screen", message=f"screening {mid} ({ci + 1}/{len(pool)})",
                   progress=0.25 + 0.2 * ci / len(pool), data={"candidate": ci, "material": mid})
-            refine(scenes[mid], target.by_scale[r["scale"]], desc, cand, opts, each, sink, cancel, ci, len(pool),
-                   stage="screen", progress_range=(0.25, 0.45))
+            refine(scenes[mid], target.by_scale[r["scale"]], desc, cand, screen_opts, each, sink, cancel, ci,
+                   len(pool), stage="screen", progress_range=(0.25, 0.45))
             screened[mid] = cand
         # re-rank the pool by the screened distances (fixed evaluation seeds, comparable)
         order = sorted(pool, key=lambda r: screened[r["material"]].distance_final)

@@ -157,6 +157,8 @@ def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
     assert same is desc and none == 0 and whole is tgt["descriptor"]
     with pytest.raises(MatfitError, match="loss_crop"):
         FitOptions(loss_crop=2.0)
+    with pytest.raises(MatfitError, match="screen_loss_crop"):
+        FitOptions(screen_loss_crop=-0.1)
     with pytest.raises(MatfitError, match="screen"):
         FitOptions(screen_share=1.5)
 
