@@ -115,9 +115,8 @@ PNG_PARAMS = ("IMWRITE_PNG_COMPRESSION", 1, "IMWRITE_PNG_STRATEGY", "IMWRITE_PNG
 def png_bytes(arr: np.ndarray) -> bytes:
     """PNG file bytes of a gray image: float in [0, 1] (stored as 8 bit), uint8 or uint16."""
     import cv2
-    a = np.asarray(arr)
-    if a.dtype != np.uint8 and a.dtype != np.uint16:
-        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    from .recipe import png_pixels
+    a = png_pixels(arr)
     if a.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {a.shape}")
     params = [v if isinstance(v, int) else getattr(cv2, v) for v in PNG_PARAMS]

@@ -55,17 +55,22 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def png_pixels(image: np.ndarray) -> np.ndarray:
+    """The pixels a PNG stores for an image: uint8/uint16 as they are, floats in [0,1] as 8 bit."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 and arr.dtype != np.uint16:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
+
+
 def atomic_save_png(path, image: np.ndarray) -> None:
     """Save a float [0,1] gray image (or uint8/uint16 array) as PNG atomically.
 
     (Bulk sets encode with fitting.bulk.png_bytes, which is ~3x faster on noisy images.)"""
     import io
     from PIL import Image
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 and arr.dtype != np.uint16:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    Image.fromarray(png_pixels(image)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import re
@@ -121,6 +122,7 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1) if (os.cpu_count() or 1) > 2 else (os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16), where
     oneDNN runs bfloat16 convolutions about twice as fast as float32 (see FitOptions)."""
