@@ -74,10 +74,9 @@ def bench_paired(rec, tmp: Path, count: int, seed: int) -> dict:
     scene with a new seed. Interleaved, so both see the same machine load; medians reported."""
     import numpy as np
     import torch
-    from fitting.bulk import make_job, render_index, seeds_for, write_set_files
+    from fitting.bulk import fill_texture_bank, make_job, render_index, seeds_for, write_set_files
     from fitting.render import SceneRenderer
     from fitting.scene import MaterialScene, RenderSettings
-    from fitting import bulk
     job = make_job(rec, seed=seed)
     out = tmp / "paired"
     render_index(job, count + 1, out)                      # warm-up: kernels, library, caches
@@ -85,11 +84,7 @@ def bench_paired(rec, tmp: Path, count: int, seed: int) -> dict:
     # from its bank), a one-off per worker that a set of thousands of images amortises; it is
     # measured here and reported apart instead of landing on whichever measured images come first.
     t0 = time.perf_counter()
-    scene0, parts0 = bulk._worker_scene(job)
-    for v in range(job["texture_variants"]):
-        tseed = bulk.texture_seed(job["seed"], v)
-        if tseed not in bulk._STATE["textures"]:
-            bulk._STATE["textures"][tseed] = scene0.maps(parts0["graph"], tseed)
+    fill_texture_bank(job)
     bank_s = time.perf_counter() - t0
     mat = rec.material()
     scene = MaterialScene(mat, RenderSettings(size=job["size"], spp=job["spp"]))

@@ -68,7 +68,8 @@ def synthetic(args) -> dict:
         path = tmp / f"target_{i:02d}_{mid}.png"
         atomic_save_png(path, img)
         opts = FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations,
-                          **({} if args.loss_crop is None else {"loss_crop": args.loss_crop}))
+                          **({} if args.loss_crop is None else {"loss_crop": args.loss_crop}),
+                          **({} if args.screen is None else {"screen": args.screen}))
         # The floor: the same yardstick for the TRUE parameters (the target's own recipe,
         # rendered with the fit's layout and eval seeds, compared at the target's pixel scale).
         # Two layouts of one recipe are never at distance 0, so this is what a perfect fit scores.
@@ -128,7 +129,7 @@ def synthetic(args) -> dict:
         "fits_over_budget_plus_10pct": sum(r["seconds"] > 1.1 * args.budget for r in rows),
     }
     return {"mode": "synthetic", "budget_s": args.budget, "loss_crop": opts.loss_crop,
-            "screen_loss_crop": opts.screen_loss_crop, "summary": summary, "rows": rows}
+            "screen_loss_crop": opts.screen_loss_crop, "screen": opts.screen, "summary": summary, "rows": rows}
 
 
 def real(args) -> dict:
@@ -176,8 +177,9 @@ def real(args) -> dict:
 def speed(args) -> dict:
     """Seconds per refinement iteration as ``refine`` runs it, split into stages.
 
-    ``whole_render``: the descriptor loss on the whole 256 px render; ``crop128``: on a random
-    128 px crop of it at native pixel scale (``FitOptions.loss_crop``, the default). Each in
+    ``whole_render``: the descriptor loss on the whole 256 px render (``FitOptions.loss_crop``
+    1, the final refinement's default); ``crop128``: on a random 128 px crop of it at native
+    pixel scale (``screen_loss_crop`` 0.5, the screening's default). Each in
     float32 and with the VGG pass in bfloat16 (``FitOptions.loss_precision``; "auto" picks it on
     CPUs with bfloat16 instructions): keys ending in ``_bf16``.
     """
@@ -363,6 +365,8 @@ def main() -> None:
     ap.add_argument("--refs", default=str(ROOT.parent / "shared" / "reference-images"))
     ap.add_argument("--loss-crop", type=float, default=None,
                     help="synthetic/real: FitOptions.loss_crop (default: FitOptions' default)")
+    ap.add_argument("--screen", type=int, default=None,
+                    help="synthetic: FitOptions.screen, materials screened before the top 3 (0 = off)")
     ap.add_argument("--out", help="result file (default results/fit_<mode>.json)")
     args = ap.parse_args()
     from fitting.runtime import init_mitsuba

@@ -223,6 +223,10 @@ def _surface_maps(job: dict, scene, parts, render_seed: int):
     tseed = texture_seed_for(job, render_seed)
     if int(job.get("texture_variants", 0)) <= 0:
         return scene.maps(parts["graph"], tseed)
+    return _banked_maps(scene, parts, tseed)
+
+
+def _banked_maps(scene, parts, tseed: int):
     bank = _STATE["textures"]                  # keyed by texture seed
     if tseed not in bank:
         maps = scene.maps(parts["graph"], tseed)
@@ -232,6 +236,18 @@ def _surface_maps(job: dict, scene, parts, render_seed: int):
             bank.pop(next(iter(bank)))
         bank[tseed] = maps
     return bank[tseed]
+
+
+def fill_texture_bank(job: dict) -> int:
+    """Evaluate every surface-texture variant of the set in this process now: the one-off per
+    worker that its first images would otherwise pay as each variant is first needed. Returns
+    how many were evaluated (0 when all were cached or the set has no variants)."""
+    scene, parts = _worker_scene(job)
+    todo = [texture_seed(job["seed"], v) for v in range(int(job.get("texture_variants", 0)))]
+    todo = [t for t in todo if t not in _STATE["textures"]]
+    for tseed in todo:
+        _banked_maps(scene, parts, tseed)
+    return len(todo)
 
 
 def render_index(job: dict, index: int, out_dir: str | os.PathLike) -> dict:

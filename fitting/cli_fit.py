@@ -48,7 +48,7 @@ def cmd_fit(args) -> int:
     init_mitsuba(args.device)
     opts = FitOptions(budget_s=args.budget, iterations=args.iterations, size=args.size, seed=args.seed,
                       spp=args.spp, backbone=args.backbone, loss_crop=args.loss_crop,
-                      screen_loss_crop=args.screen_loss_crop,
+                      screen=args.screen, screen_loss_crop=args.screen_loss_crop,
                       loss_precision=args.loss_precision,
                       materials=args.materials.split(",") if args.materials else None)
     cancel = CancelToken()
@@ -138,11 +138,14 @@ def register(sub) -> None:
     f.add_argument("--spp", type=int, default=4)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--backbone", default="vgg16-hed")
-    f.add_argument("--loss-crop", type=float, default=0.5, metavar="F",
-                   help="final refinement loss on a random crop of F x the render's side (default 0.5; "
-                        "1 = the whole render: ~2x slower iterations, aims at the reported distance directly)")
+    f.add_argument("--loss-crop", type=float, default=1.0, metavar="F",
+                   help="final refinement loss on a random crop of F x the render's side (default 1 = the "
+                        "whole render, aimed at the reported distance; 0.5: ~2x faster iterations, noisier)")
+    f.add_argument("--screen", type=int, default=0, metavar="N",
+                   help="refine the best N ranked materials briefly and keep the 3 best of them "
+                        "(default 0: off; measured to lower the final fits on synthetic targets)")
     f.add_argument("--screen-loss-crop", type=float, default=0.5, metavar="F",
-                   help="the same for the short screening refinements (default 0.5)")
+                   help="--loss-crop for the short screening refinements (default 0.5)")
     f.add_argument("--loss-precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="arithmetic of the ranking's and the refinement loss's VGG passes (default auto: "
                         "bfloat16 on CPUs with bfloat16 instructions, about 2x faster; reported distances "

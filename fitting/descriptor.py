@@ -625,6 +625,12 @@ class TextureDescriptor:
         self.dim: int = start
         self.weights_file = str(self._loaded.path)
 
+    def with_work_size(self, work_size: int) -> "TextureDescriptor":
+        """The same backbone, weights and device describing images at ``work_size`` px (the
+        refinement's crop loss); shares this one's loaded weights through the module cache."""
+        return TextureDescriptor(self.backbone_id, work_size=work_size, device=self.device,
+                                 weights_path=self._weights_path, max_batch=self.max_batch)
+
     # -- layout ---------------------------------------------------------------------------------
     def layer_slices(self) -> dict[str, slice]:
         """Layer name -> slice of its block ([means, Gram upper triangle]) in the vector."""

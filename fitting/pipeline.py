@@ -55,26 +55,31 @@ class FitOptions:
     # tiles of the same side at the same pixel scale; Gram matrices are position averages, so a
     # crop's is a noisy sample of the whole image's. VGG forward+backward dominates an iteration
     # and scales with the pixel count: a 128 px crop of a 256 px render runs ~2x the iterations
-    # (5.3-6.6 vs 2.5-3.0 per second in bfloat16, fit_speed.json). Measured on 30 synthetic fits
-    # (50 s): crops everywhere: true material in the top 3 in 90 %, median final distance 0.288;
-    # whole-render final refinement after crop screening: 83 %, 0.279 (lower on 16 of 30 fits);
-    # whole renders everywhere: 80 %, 0.262. Top-3 moves by +-2 fits between runs of one
-    # configuration (time-sliced screening), so only the whole-render screening's loss is clear.
-    # Crops stay the default for their speed. Known weakness: an L1 distance of one crop to the
-    # tiles' mean also rewards renders whose crops all look alike; on the bundled example the
-    # crop loss fell from 1.6 to 0.8 while the whole render's distance rose from 0.39 to 0.69
-    # (the fit keeps the initial guess; refined alone with the whole-render loss for 30 s: 0.30).
-    loss_crop: float = 0.5
+    # (5.3-6.6 vs 2.5-3.0 per second in bfloat16, fit_speed.json). Why the final refinement
+    # sees the whole render anyway: an L1 distance of one crop to the tiles' mean also rewards
+    # renders whose crops all look alike. On the bundled example the crop loss fell from 1.6 to
+    # 0.8 while the whole render's distance rose from 0.39 to 0.69, so the fit kept its initial
+    # guess; with the whole render it refines 0.386 -> 0.303. On 30 synthetic fits (50 s, with
+    # screening) whole-render final refinement reached median final distances of 0.267 and
+    # 0.279 in two runs, crops everywhere 0.288, and removed 70-71 % of the excess over the true
+    # parameters' floor (67 %). Screening (when on) keeps the crops: whole-render screening put
+    # the true material in the top 3 less often (80 % vs 83-90 %).
+    loss_crop: float = 1.0
     screen_loss_crop: float = 0.5
     materials: list[str] | None = None   # restrict the library (tests, power users)
     scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
     search_sizes: bool = True
-    # Screening: the best ``screen`` materials of the ranking are each refined briefly (together
-    # ``screen_share`` of the budget) and re-ranked by their refined distance before the final
-    # ``top_k`` are refined in full. The ranking judges every material by one render of its
-    # predictor's guess; on synthetic targets the true material was ranked 4th-5th in 6 of 30
-    # fits although its own parameters matched better than the winner's refined ones.
-    screen: int = 5
+    # Screening (off by default): the best ``screen`` materials of the ranking are each refined
+    # briefly (together ``screen_share`` of the budget) and re-ranked by their refined distance
+    # before the final ``top_k`` are refined in full. Meant to lift a true material that one
+    # render of its predictor's guess ranks 4th-5th; measured, it does more harm than good. In
+    # four runs of 30 synthetic fits (50 s) it moved the true material out of the top 3 in 3-5
+    # fits and into it in 2-4 (top 3: 87-90 % before, 80-90 % after), because a 2.5 s refinement
+    # gains most on materials that start far off. Without it the three refinements share the
+    # whole budget (fit_synthetic.json; with screening: fit_synthetic_screening.json): top 3
+    # 90 %, result = true material 63 % (57 %), median final distance 0.251 (0.267), 85 % of
+    # the excess over the floor removed (70 %), lower final distance on 22 of 30 fits.
+    screen: int = 0
     screen_share: float = 0.25
     # Arithmetic of the VGG passes of the ranking renders and of the refinement loss: "bfloat16"
     # (autocast), "float32", or "auto" = bfloat16 on CPUs with bfloat16 instructions
@@ -577,15 +582,13 @@ def crop_loss_target(desc, tgt: dict, opts: FitOptions):
     scale (no resampling), and the reference is described by tiles of that size of the same
     working image (cached in ``tgt``), so both sides are statistics of equal-sized windows.
     """
-    from .descriptor import TextureDescriptor
     frac = float(opts.loss_crop or 0.0)
     crop = int(round(frac * opts.size))
     if frac <= 0.0 or crop >= opts.size:
         return desc, tgt["descriptor"], 0
     crop = max(crop, 32)          # the descriptor's minimum working size
     key = ("crop_descriptor", crop)
-    cdesc = TextureDescriptor(desc.backbone_id, work_size=crop, device=desc.device,
-                              weights_path=desc._weights_path)
+    cdesc = desc.with_work_size(crop)
     if key not in tgt:
         tgt[key] = cdesc.describe_reference(tgt["work"], valid_mask=tgt.get("mask"), max_tiles=16).detach()
     return cdesc, tgt[key], crop

@@ -418,3 +418,27 @@ def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
     assert job_key(job) != job_key(job0)                   # a set never mixes the two
     with pytest.raises(Exception, match="texture-variants"):
         make_job(rec, size=64, spp=1, texture_variants=-1)
+
+
+def test_filled_texture_bank_serves_every_image_without_new_graph_evaluations(tmp_path, monkeypatch):
+    """fill_texture_bank evaluates each variant once; the set's images then only read the bank,
+    and an image is the same whether its variant came from the bank or was evaluated for it."""
+    from fitting import bulk
+    from fitting.library import get_material
+    from fitting.recipe import Recipe
+    mat = get_material("sem_polystyrene_spheres")
+    rec = Recipe.from_vector(mat, np.array([s.to_normalized(s.default) for s in mat.specs], np.float32))
+    job = bulk.make_job(rec, size=64, spp=1, seed=5, texture_variants=3)
+    bulk.render_index(job, 0, tmp_path / "lazy")               # variant evaluated on demand
+    bulk._STATE.clear()
+    assert bulk.fill_texture_bank(job) == 3
+    assert bulk.fill_texture_bank(job) == 0                    # all cached now
+    scene, _ = bulk._worker_scene(job)
+    calls = []
+    real_maps = scene.maps
+    monkeypatch.setattr(scene, "maps", lambda *a, **k: calls.append(a) or real_maps(*a, **k))
+    for i in range(4):
+        bulk.render_index(job, i, tmp_path / "banked")
+    assert calls == []
+    same = [np.asarray(Image.open(tmp_path / d / "images" / "000000.png")) for d in ("lazy", "banked")]
+    np.testing.assert_array_equal(*same)

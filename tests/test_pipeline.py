@@ -26,7 +26,8 @@ SMALL = dict(size=128, spp=2, iterations=4, budget_s=60, scales=(256, 384),
 @pytest.fixture(scope="module")
 def small_fit():
     events = []
-    res = fit_reference(EXAMPLE, FitOptions(**SMALL, seed=3), on_event=events.append)
+    # screening on (off by default): the 4 materials are refined briefly, then the best 3 in full
+    res = fit_reference(EXAMPLE, FitOptions(**SMALL, seed=3, screen=4), on_event=events.append)
     return res, events
 
 
@@ -114,6 +115,9 @@ def test_cli_fit_json_and_compare(tmp_path):
     assert p.returncode == 0, p.stderr
     s = json.loads(p.stdout)
     assert s["best"] and len(s["candidates"]) == 3
+    # default: no screening; the three best ranked materials are refined straight away
+    assert not any("screen" in c["stopped"] for c in s["candidates"])
+    assert "screen" not in s["timings"]
     assert {"material", "distance_initial", "distance_final"} <= set(s["candidates"][0])
     assert "metrics" in s and "timings" in s
     assert out.exists() and prev.exists()
