@@ -256,7 +256,7 @@ def render_index(job: dict, index: int, out_dir: str | os.PathLike) -> dict:
     Returns a small summary (index, instances, per-stage seconds). Safe to call in any process
     that can import fitting; the result only depends on (job, index).
     """
-    with _RENDER_LOCK:
+    with _RENDER_LOCK, long_lived_heap_frozen():
         return _render_index(job, int(index), Path(out_dir))
 
 
@@ -575,6 +575,26 @@ def write_set_files(out_dir, info: dict | None = None, rle: str = "uncompressed"
     """
     with _gc_paused():
         return _write_set_files(Path(out_dir), info, rle)
+
+
+@contextlib.contextmanager
+def long_lived_heap_frozen():
+    """Keep the cyclic garbage collector off every object that exists now (while an image renders).
+
+    A render process holds ~340k long-lived Python objects (torch, Mitsuba, the job's scene and
+    texture bank) that never become garbage, yet each full collection scans them all; what an
+    image creates and drops is still collected as usual. Measured on carbon black at 512 px
+    (24 images, one process): collections took 6.5 ms per image, 0.2 ms with the heap frozen.
+    Freezing and unfreezing move whole lists (O(1)); a nested use keeps the outer freeze.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

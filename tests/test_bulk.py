@@ -442,3 +442,20 @@ def test_filled_texture_bank_serves_every_image_without_new_graph_evaluations(tm
     assert calls == []
     same = [np.asarray(Image.open(tmp_path / d / "images" / "000000.png")) for d in ("lazy", "banked")]
     np.testing.assert_array_equal(*same)
+
+
+def test_heap_frozen_only_while_an_image_renders_and_nested_use_keeps_the_outer_freeze():
+    import gc
+    from fitting.bulk import long_lived_heap_frozen
+    assert gc.get_freeze_count() == 0
+    with long_lived_heap_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000                       # torch, Mitsuba, numpy objects
+        with long_lived_heap_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen    # the inner exit did not unfreeze
+        cyc = []
+        cyc.append(cyc)                            # new cyclic garbage is still collected
+        del cyc
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == 0
