@@ -45,6 +45,12 @@ def machine() -> dict:
             "threads": info.threads if info else None, "load_average_at_end": os.getloadavg()}
 
 
+def fit_overrides(args) -> dict:
+    """The FitOptions that --loss-crop / --screen set (synthetic and real); the rest default."""
+    given = {"loss_crop": args.loss_crop, "screen": args.screen}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def synthetic(args) -> dict:
     from fitting.descriptor import TextureDescriptor
     from fitting.images import load_reference
@@ -67,9 +73,7 @@ def synthetic(args) -> dict:
         img = scene.render_numpy(x_true, seed=70_000 + i)
         path = tmp / f"target_{i:02d}_{mid}.png"
         atomic_save_png(path, img)
-        opts = FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations,
-                          **({} if args.loss_crop is None else {"loss_crop": args.loss_crop}),
-                          **({} if args.screen is None else {"screen": args.screen}))
+        opts = FitOptions(budget_s=args.budget, seed=i, iterations=args.iterations, **fit_overrides(args))
         # The floor: the same yardstick for the TRUE parameters (the target's own recipe,
         # rendered with the fit's layout and eval seeds, compared at the target's pixel scale).
         # Two layouts of one recipe are never at distance 0, so this is what a perfect fit scores.
@@ -146,7 +150,7 @@ def real(args) -> dict:
     rows = []
     for p in refs:
         ref = load_reference(p)
-        opts = FitOptions(budget_s=args.budget, seed=0, iterations=args.iterations)
+        opts = FitOptions(budget_s=args.budget, seed=0, iterations=args.iterations, **fit_overrides(args))
         target = ReferenceTarget(ref, desc, opts.scales, opts.size)
         defaults = {}
         for mid, mat in lib.items():
@@ -366,7 +370,7 @@ def main() -> None:
     ap.add_argument("--loss-crop", type=float, default=None,
                     help="synthetic/real: FitOptions.loss_crop (default: FitOptions' default)")
     ap.add_argument("--screen", type=int, default=None,
-                    help="synthetic: FitOptions.screen, materials screened before the top 3 (0 = off)")
+                    help="synthetic/real: FitOptions.screen, materials screened before the top 3 (0 = off)")
     ap.add_argument("--out", help="result file (default results/fit_<mode>.json)")
     args = ap.parse_args()
     from fitting.runtime import init_mitsuba

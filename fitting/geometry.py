@@ -542,6 +542,12 @@ class _MeshBuilder:
         return np.flatnonzero(~covered).astype(np.int64)
 
 
+def _scaled_spheres(tp: np.ndarray, tn: np.ndarray, s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World vertices and (unnormalised) normals of k spheres: template (V,3) scaled per axis by
+    s (k,3) and moved to c (k,3); each sphere's rows depend on its own s and c only."""
+    return tp[None] * s[:, None, :] + c[:, None, :], tn[None] / s[:, None, :]
+
+
 def _add_spheres(mb: _MeshBuilder, centers: np.ndarray, radii: np.ndarray, pids: np.ndarray,
                  levels: np.ndarray, zscale: float = 1.0) -> None:
     for L in np.unique(levels):
@@ -550,9 +556,7 @@ def _add_spheres(mb: _MeshBuilder, centers: np.ndarray, radii: np.ndarray, pids:
         s = np.repeat(radii[sel, None], 3, 1)
         s[:, 2] *= zscale
         c = centers[sel]
-
-        def expand(tp=tp, tn=tn, s=s, c=c):
-            return tp[None] * s[:, None, :] + c[:, None, :], tn[None] / s[:, None, :]
+        expand = functools.partial(_scaled_spheres, tp, tn, s, c)
         if not np.all(s[0] > 0):                 # degenerate: let the builder detect groups
             v, n = expand()
             mb.add(v, n, tf, pids[sel])
@@ -563,8 +567,8 @@ def _add_spheres(mb: _MeshBuilder, centers: np.ndarray, radii: np.ndarray, pids:
         m[:, :, 3] = tp.mean(0)[None] * s + c
         # = the expanded soup's highest float32 z, exactly (same operations on the top vertex)
         z_top = float(np.float32((tp[:, 2].max() * s[:, 2] + c[:, 2]).max()))
-        mb.add(tp[None] * s[:1, None, :] + c[:1, None, :], tn[None] / s[:1, None, :], tf, pids[sel],
-               transforms=m, expand=expand, z_max=z_top)
+        v0, n0 = _scaled_spheres(tp, tn, s[:1], c[:1])
+        mb.add(v0, n0, tf, pids[sel], transforms=m, expand=expand, z_max=z_top)
 
 
 # --------------------------------------------------------------------------------------------
