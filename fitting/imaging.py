@@ -134,7 +134,7 @@ class SEMModel(ImagingModel):
             vis = ~r.scene.ray_test(mi.Ray3f(o=mi.Point3f(origin), d=d_det))
             frame = mi.Frame3f(s.normal)
             wo = frame.to_world(mi.warp.square_to_cosine_hemisphere(s.sampler.next_2d()))
-            ao_len = max(tp["ao_distance"] * r.length_scale, 1e-3)
+            ao_len = dr.opaque(mi.Float, max(tp["ao_distance"] * r.length_scale, 1e-3))   # per layout: see SceneRenderer
             occl = mi.Float(r.scene.ray_test(mi.Ray3f(mi.Ray3f(mi.Point3f(origin), wo), ao_len)))
         return {"nx": s.normal.x, "ny": s.normal.y, "nz": s.normal.z, "vis": mi.Float(vis), "occl": occl,
                 "dx": dr.full(mi.Float, d_det.x[0], 1), "dy": dr.full(mi.Float, d_det.y[0], 1),
@@ -215,7 +215,7 @@ class TEMModel(ImagingModel):
                 p = dr.gather(mi.Point3f, nxt.p, live)
                 n = dr.gather(mi.Vector3f, nxt.n, live)
                 dr.eval(length, idx, depth, p, n)
-        return {"length": length / r.length_scale, "nz": s.normal.z}
+        return {"length": length / r.length_scale_opaque, "nz": s.normal.z}
 
     def shade(self, r, g, t, s):
         dr, mi = _mi()
@@ -274,7 +274,7 @@ class OpticalModel(ImagingModel):
             d2 = dr.select(tir | ~ok, d1, d2)
             dev = dr.select(s.hit, dr.acos(dr.clip(-d2.z, -1.0, 1.0)), 0.0)
             dev = dr.select(s.hit & (tir | ~ok), 3.0, dev)
-            inner = dr.select(ok, dr.norm(si2.p - s.surface.p) / r.length_scale, 0.0)
+            inner = dr.select(ok, dr.norm(si2.p - s.surface.p) / r.length_scale_opaque, 0.0)
             trans = dr.select(ok & ~tir, (1.0 - f1) * (1.0 - f2), 0.0)
             refl = dr.select(s.hit, f1, 0.0)
         return {"dev": dev, "inner": inner, "trans": trans, "refl": refl}

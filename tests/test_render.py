@@ -242,6 +242,46 @@ def test_instanced_scene_renders_like_the_merged_mesh(material_id):
     assert float(np.mean(diff > 1e-2)) < 0.002
 
 
+@pytest.mark.parametrize("material_id", ["tem_carbon_black", "sem_polystyrene_spheres", "optical_emulsion_droplets",
+                                         "sem_nanorods"])
+def test_a_new_layout_reuses_the_compiled_kernels(material_id):
+    """Every image of a bulk set (and every candidate of a fit) is a new layout: its kernels must
+    be the ones already compiled. A per-layout number written into a kernel as a literal (ray
+    height, length scale), or a one-element input whose alignment follows the numpy buffer's
+    address, changes the kernel's hash: an LLVM compile per image (~45 ms at 512 px), hidden by
+    Dr.Jit's on-disk cache whenever the same seeds were rendered before. Still specialised, and
+    left so: an array of width one is read with a scalar load, so a layout of ONE particle
+    (Mitsuba's shape table) and a TEM crossing step with one ray left compile kernels of their
+    own -- once per process, not per image. TEM runs two crossings here to stay clear of that."""
+    import drjit as dr
+    from fitting.library import get_material
+    from fitting.scene import MaterialScene, RenderSettings
+    mat = get_material(material_id)
+    x = torch.tensor([s.to_normalized(s.default) for s in mat.specs])
+    scene = MaterialScene(mat, RenderSettings(size=128, spp=1))
+    parts = scene.split(x)
+    trace = {**parts["trace"], "max_crossings": 2} if scene.model.name == "tem" else parts["trace"]
+    hashes = []
+    flag = dr.flag(dr.JitFlag.KernelHistory)
+    dr.set_flag(dr.JitFlag.KernelHistory, True)
+    try:
+        with torch.no_grad():
+            maps = scene.maps(parts["graph"], 5)
+            for layout_seed in (11, 12, 13, 14, 15):
+                layout = scene.layout_for(parts["geometry"], layout_seed)
+                assert layout.n_particles >= 2
+                r = SceneRenderer(layout, scene.model, 128, 1)
+                dr.kernel_history_clear()
+                r.render(maps, parts["shade"], layout_seed, trace_params=trace)
+                hashes.append({k["hash"] for k in dr.kernel_history() if k["type"] == dr.KernelType.JIT})
+    finally:
+        dr.set_flag(dr.JitFlag.KernelHistory, flag)
+    assert hashes[0], "the render launched no kernel"
+    # after two layouts (a loop may stop early in one), a new layout brings no new kernel
+    new = [len(h - set().union(*hashes[:i])) for i, h in enumerate(hashes) if i >= 2]
+    assert new == [0] * len(new), new
+
+
 def test_sample_mask_is_the_majority_vote_of_each_pixels_samples():
     """The vote only runs on pixels whose samples disagree; the result must equal a brute-force
     majority (ties: the earliest sample among the most frequent ids) on every pixel."""
