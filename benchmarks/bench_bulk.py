@@ -19,6 +19,10 @@ For each material (library defaults, 512 x 512, the CLI's default 4 spp):
 * workers: the local process pool with 1 and 2 workers (each one render thread): wall-clock
   images/s including process start-up, and the steady rate between the first and last image.
 
+Seeds: every run draws new layouts (``--seed``, default from the clock; recorded), as a user's
+new set does. With fixed seeds, Dr.Jit's on-disk kernel cache hid a per-layout kernel compile
+(~45 ms per 512 px image) from every run after the first.
+
     .venv/bin/python benchmarks/bench_bulk.py            # writes benchmarks/results/bulk.json
 """
 from __future__ import annotations
@@ -162,12 +166,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--spp", type=int, default=4)
-    ap.add_argument("--count", type=int, default=24, help="images per pipeline/bare measurement")
+    ap.add_argument("--count", type=int, default=40, help="images per pipeline/bare measurement")
     ap.add_argument("--pool-count", type=int, default=24, help="images per worker-scaling measurement")
     ap.add_argument("--materials", default="sem_polystyrene_spheres,tem_carbon_black")
     ap.add_argument("--scaling-material", default="sem_polystyrene_spheres")
+    ap.add_argument("--seed", type=int, default=None, help="base seed of the sets (default: from the clock)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bulk.json"))
     args = ap.parse_args(argv)
+    seed = args.seed if args.seed is not None else int(time.time()) % 10_000_000
 
     import torch
     torch.set_num_threads(1)
@@ -175,14 +181,14 @@ def main(argv=None) -> int:
     init_mitsuba("auto", threads=1)
     result = {"benchmark": "bulk", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
               "settings": {"size": args.size, "spp": args.spp, "count": args.count,
-                           "pool_count": args.pool_count, "render_threads_per_worker": 1},
+                           "pool_count": args.pool_count, "render_threads_per_worker": 1, "seed": seed},
               "materials": {}, "target_ratio": 0.8}
     tmp = Path(tempfile.mkdtemp(prefix="bench_bulk_"))
     try:
         for mid in args.materials.split(","):
             rec = recipe_for(mid, args.size, args.spp)
-            entry = bench_paired(rec, tmp / mid, args.count, seed=1)
-            entry["end_to_end"] = bench_end_to_end(rec, tmp / mid, args.count, seed=4)
+            entry = bench_paired(rec, tmp / mid, args.count, seed=seed)
+            entry["end_to_end"] = bench_end_to_end(rec, tmp / mid, args.count, seed=seed + 1)
             result["materials"][mid] = entry
             print(f"{mid}: pipeline {entry['pipeline']['images_per_s']:.3f} img/s, bare render "
                   f"{entry['bare_render']['images_per_s']:.3f} img/s, ratio {entry['ratio']:.2f} "
@@ -191,8 +197,8 @@ def main(argv=None) -> int:
                   f"median s per image {entry['pipeline']['stage_median_s']}; end-to-end "
                   f"{entry['end_to_end']['images_per_s']:.3f} img/s", file=sys.stderr)
         rec = recipe_for(args.scaling_material, args.size, args.spp)
-        p1 = bench_pool(rec, tmp / "scaling", 1, args.pool_count, seed=2)
-        p2 = bench_pool(rec, tmp / "scaling", 2, args.pool_count, seed=3)
+        p1 = bench_pool(rec, tmp / "scaling", 1, args.pool_count, seed=seed + 2)
+        p2 = bench_pool(rec, tmp / "scaling", 2, args.pool_count, seed=seed + 3)
         # workers=1 renders in this process (no pool, nothing to start); workers=2 is a spawned
         # process pool, so its wall-clock figure includes starting 2 Python/torch/Mitsuba processes
         result["workers"] = {"material": args.scaling_material, "one": p1, "two": p2,

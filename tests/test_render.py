@@ -231,7 +231,7 @@ def test_instanced_scene_renders_like_the_merged_mesh(material_id):
     with torch.no_grad():
         maps = scene.maps(parts["graph"], 5)
         for instancing in (False, True):
-            r = SceneRenderer(layout, scene.model, 96, 2, instancing=instancing)
+            r = SceneRenderer(layout, scene.model, 96, 2, instancing=instancing, cull=False)
             assert r.particles.n_instances == (covered if instancing else 0)
             frames.append(r.render(maps, parts["shade"], 9, trace_params=parts["trace"]).numpy())
             masks.append(r.instance_mask())
@@ -280,6 +280,34 @@ def test_a_new_layout_reuses_the_compiled_kernels(material_id):
     # after two layouts (a loop may stop early in one), a new layout brings no new kernel
     new = [len(h - set().union(*hashes[:i])) for i, h in enumerate(hashes) if i >= 2]
     assert new == [0] * len(new), new
+
+
+def test_tem_scene_leaves_out_particles_outside_the_field_and_no_pixel_changes():
+    """A parallel beam never crosses a particle outside the field, so the TEM scene does not
+    build those (carbon-black aggregates touching the field reach far beyond it); the frame and
+    the mask are those of the full scene."""
+    from fitting.library import get_material
+    from fitting.scene import MaterialScene, RenderSettings
+    mat = get_material("tem_carbon_black")
+    x = torch.tensor([s.to_normalized(s.default) for s in mat.specs])
+    scene = MaterialScene(mat, RenderSettings(size=128, spp=2))
+    parts = scene.split(x)
+    layout = scene.layout_for(parts["geometry"], 2)
+    c, rad = layout.centers, layout.radii
+    outside = np.any((c[:, :2] + rad[:, None] < 0) | (c[:, :2] - rad[:, None] > layout.size), axis=1)
+    assert outside.sum() >= 10                     # the case this is about
+    frames, masks, built = [], [], []
+    with torch.no_grad():
+        maps = scene.maps(parts["graph"], 5)
+        for cull in (False, True):
+            r = SceneRenderer(layout, scene.model, 128, 2, cull=cull)
+            built.append(r.particles.n_instances)
+            frames.append(r.render(maps, parts["shade"], 9, trace_params=parts["trace"]).numpy())
+            masks.append(r.sample_mask())
+    assert built[0] == layout.n_particles
+    assert built[1] <= layout.n_particles - outside.sum()
+    assert np.array_equal(masks[0], masks[1])
+    np.testing.assert_allclose(frames[1], frames[0], rtol=0, atol=1e-6)
 
 
 def test_sample_mask_is_the_majority_vote_of_each_pixels_samples():
