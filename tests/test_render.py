@@ -354,6 +354,25 @@ def test_gaussian_blur_matches_a_reference_convolution_and_its_gradient():
             assert torch.allclose(gaussian_blur(img.float(), s.float()), ref.float(), atol=1e-6)
 
 
+def test_detector_noise_has_the_shot_plus_readout_variance_and_its_gradient():
+    """One Gaussian draw per pixel stands for shot noise (variance level / dose) plus read-out
+    noise (sigma^2): the spread of the result and the reparameterised gradient of its energy
+    (d/d sigma E[(out - img)^2] = 2 sigma, d/d dose = -level / dose^2) match those laws."""
+    from fitting.imaging import add_noise, noise_generator
+    for level in (0.2, 0.8):
+        img = torch.full((512, 512), level)
+        sigma = torch.tensor(0.05, requires_grad=True)
+        dose = torch.tensor(100.0, requires_grad=True)
+        out = add_noise(img, {"noise_gauss": sigma, "noise_dose": dose}, noise_generator(3))
+        d = out - img
+        expected_var = level / 100.0 + 0.05 ** 2
+        assert abs(float(d.detach().mean())) < 4 * (expected_var / img.numel()) ** 0.5
+        assert abs(float(d.detach().var()) / expected_var - 1.0) < 0.02
+        (d ** 2).mean().backward()
+        assert abs(float(sigma.grad) / (2 * 0.05) - 1.0) < 0.03
+        assert abs(float(dose.grad) / (-level / 100.0 ** 2) - 1.0) < 0.03
+
+
 def test_tem_path_length_is_the_union_chord_of_overlapping_spheres():
     """TEM's trace (live rays compacted after every crossing) measures the length of the beam
     inside the union of the particles: compared with the analytic chord through overlapping
