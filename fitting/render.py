@@ -91,8 +91,8 @@ class ParticleScene:
 def _instances_near_field(g, size: float, margin: float) -> np.ndarray:
     """Which instances of group ``g`` come within ``margin`` of the field [0, size]^2: the
     template's bounding sphere, transformed (centre by the matrix, radius by its largest
-    singular value), tested by its bounding square. A sphere's exact; a box around the
-    transformed template box kept a rotated primary up to sqrt(3) radii away."""
+    singular value), tested by its bounding square. Exact for a sphere, where the box around
+    a rotated template box would reach up to sqrt(3) radii."""
     lo, hi = g.vertices.min(0).astype(np.float64), g.vertices.max(0).astype(np.float64)
     centre = 0.5 * (lo + hi)
     radius = float(np.sqrt(((g.vertices - centre) ** 2).sum(1)).max())
@@ -110,7 +110,7 @@ def _empty_scene() -> ParticleScene:
 
 def build_scene(layout, instancing: bool = True, margin: float = math.inf) -> ParticleScene:
     """One Mitsuba scene holding the particles of ``layout``: all of them, or (finite ``margin``)
-    those of the instanced particles whose bounding box comes within ``margin`` of the field.
+    the loose ones and the instanced ones whose bounds come within ``margin`` of the field.
 
     Particles that the layout records as affine copies of a shared mesh become Mitsuba
     instances of one shape group per mesh; the rest are ONE merged mesh.  Why instances:
