@@ -64,12 +64,10 @@ def machine_info() -> dict:
 
 
 def recipe_for(mid: str, size: int, spp: int):
-    import numpy as np
     from fitting.library import get_material
     from fitting.recipe import Recipe
     mat = get_material(mid)
-    x = np.array([s.to_normalized(s.default) for s in mat.specs], np.float32)
-    return Recipe.from_vector(mat, x, render={"size": size, "spp": spp, "layout_seed": 0})
+    return Recipe.from_vector(mat, mat.default_vector(), render={"size": size, "spp": spp, "layout_seed": 0})
 
 
 def bench_paired(rec, tmp: Path, count: int, seed: int) -> dict:

@@ -141,7 +141,8 @@ class SEMModel(ImagingModel):
             vis = ~r.scene.ray_test(mi.Ray3f(o=mi.Point3f(origin), d=d_det))
             frame = mi.Frame3f(s.normal)
             wo = frame.to_world(mi.warp.square_to_cosine_hemisphere(s.sampler.next_2d()))
-            ao_len = dr.opaque(mi.Float, max(tp["ao_distance"] * r.length_scale, 1e-3))   # per layout: see SceneRenderer
+            # opaque: a per-layout number, see SceneRenderer.length_scale_opaque
+            ao_len = dr.opaque(mi.Float, max(tp["ao_distance"] * r.length_scale, 1e-3))
             occl = mi.Float(r.scene.ray_test(mi.Ray3f(mi.Ray3f(mi.Point3f(origin), wo), ao_len)))
         return {"nx": s.normal.x, "ny": s.normal.y, "nz": s.normal.z, "vis": mi.Float(vis), "occl": occl,
                 "dx": dr.full(mi.Float, d_det.x[0], 1), "dy": dr.full(mi.Float, d_det.y[0], 1),

@@ -60,10 +60,10 @@ class FitOptions:
     # renders whose crops all look alike. On the bundled example the crop loss fell from 1.6 to
     # 0.8 while the whole render's distance rose from 0.39 to 0.69, so the fit kept its initial
     # guess; with the whole render it refines 0.386 -> 0.308 (README example, 120 s budget,
-    # no screening: done in 82 s; 0.390 -> 0.306 in 84 s in a later clean install). On 30 synthetic fits (50 s, with
-    # screening) whole-render final refinement reached median final distances of 0.267 and
-    # 0.279 in two runs, crops everywhere 0.288, and removed 70-71 % of the excess over the true
-    # parameters' floor (67 %). Screening (when on) keeps the crops: whole-render screening put
+    # no screening: done in 82 s; 0.390 -> 0.306 in 84 s in a later clean install). On 30
+    # synthetic fits (50 s, with screening) whole-render final refinement reached median final
+    # distances of 0.267 and 0.279 in two runs, crops everywhere 0.288, and removed 70-71 % of
+    # the excess over the true parameters' floor (67 %). Screening (when on) keeps the crops: whole-render screening put
     # the true material in the top 3 less often (80 % vs 83-90 %).
     loss_crop: float = 1.0
     screen_loss_crop: float = 0.5

@@ -106,7 +106,7 @@ def _recipe(mid: str, path: Path, spp: int):
     from fitting.library import get_material
     from fitting.recipe import Recipe
     mat = get_material(mid)
-    x = np.array([s.to_normalized(s.default) for s in mat.specs], np.float32)
+    x = mat.default_vector()
     rec = Recipe.from_vector(mat, x, render={"size": SIZE, "spp": spp, "layout_seed": 0})
     rec.save(path, mat)
     return rec
@@ -407,7 +407,7 @@ def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
     from fitting.library import get_material
     from fitting.recipe import Recipe
     mat = get_material("sem_polystyrene_spheres")
-    rec = Recipe.from_vector(mat, np.array([s.to_normalized(s.default) for s in mat.specs], np.float32))
+    rec = Recipe.from_vector(mat, mat.default_vector())
     job = make_job(rec, size=64, spp=1, seed=3, texture_variants=4)
     seeds = [texture_seed_for(job, seeds_for(3, i)[1]) for i in range(64)]
     assert 1 < len(set(seeds)) <= 4                       # a bank of at most 4 realisations, all used
@@ -427,7 +427,7 @@ def test_filled_texture_bank_serves_every_image_without_new_graph_evaluations(tm
     from fitting.library import get_material
     from fitting.recipe import Recipe
     mat = get_material("sem_polystyrene_spheres")
-    rec = Recipe.from_vector(mat, np.array([s.to_normalized(s.default) for s in mat.specs], np.float32))
+    rec = Recipe.from_vector(mat, mat.default_vector())
     job = bulk.make_job(rec, size=64, spp=1, seed=5, texture_variants=3)
     bulk.render_index(job, 0, tmp_path / "lazy")               # variant evaluated on demand
     bulk._STATE.clear()

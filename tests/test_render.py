@@ -212,16 +212,20 @@ def _library_ids() -> list[str]:
     return sorted(load_library())
 
 
+def default_scene(material_id: str, size: int, spp: int):
+    """A library material at its default parameters: (material, MaterialScene, split parts)."""
+    from fitting.library import get_material
+    from fitting.scene import MaterialScene, RenderSettings
+    mat = get_material(material_id)
+    scene = MaterialScene(mat, RenderSettings(size=size, spp=spp))
+    return mat, scene, scene.split(torch.as_tensor(mat.default_vector()))
+
+
 @pytest.mark.parametrize("material_id", _library_ids())
 def test_instanced_scene_renders_like_the_merged_mesh(material_id):
     """Affine particle copies become Mitsuba instances (fast BVH build); the frame, the hit
     normals and the instance mask must be those of the merged triangle soup."""
-    from fitting.library import get_material
-    from fitting.scene import MaterialScene, RenderSettings
-    mat = get_material(material_id)
-    x = torch.tensor([s.to_normalized(s.default) for s in mat.specs])
-    scene = MaterialScene(mat, RenderSettings(size=96, spp=2))
-    parts = scene.split(x)
+    mat, scene, parts = default_scene(material_id, 96, 2)
     layout = scene.layout_for(parts["geometry"], 3)
     assert layout.n_particles > 0
     covered = sum(len(g.pids) for g in layout.instances)
@@ -254,12 +258,7 @@ def test_a_new_layout_reuses_the_compiled_kernels(material_id):
     (Mitsuba's shape table) and a TEM crossing step with one ray left compile kernels of their
     own -- once per process, not per image. TEM runs two crossings here to stay clear of that."""
     import drjit as dr
-    from fitting.library import get_material
-    from fitting.scene import MaterialScene, RenderSettings
-    mat = get_material(material_id)
-    x = torch.tensor([s.to_normalized(s.default) for s in mat.specs])
-    scene = MaterialScene(mat, RenderSettings(size=128, spp=1))
-    parts = scene.split(x)
+    _, scene, parts = default_scene(material_id, 128, 1)
     trace = {**parts["trace"], "max_crossings": 2} if scene.model.name == "tem" else parts["trace"]
     hashes = []
     flag = dr.flag(dr.JitFlag.KernelHistory)
@@ -286,12 +285,7 @@ def test_tem_scene_leaves_out_particles_outside_the_field_and_no_pixel_changes()
     """A parallel beam never crosses a particle outside the field, so the TEM scene does not
     build those (carbon-black aggregates touching the field reach far beyond it); the frame and
     the mask are those of the full scene."""
-    from fitting.library import get_material
-    from fitting.scene import MaterialScene, RenderSettings
-    mat = get_material("tem_carbon_black")
-    x = torch.tensor([s.to_normalized(s.default) for s in mat.specs])
-    scene = MaterialScene(mat, RenderSettings(size=128, spp=2))
-    parts = scene.split(x)
+    _, scene, parts = default_scene("tem_carbon_black", 128, 2)
     layout = scene.layout_for(parts["geometry"], 2)
     c, rad = layout.centers, layout.radii
     outside = np.any((c[:, :2] + rad[:, None] < 0) | (c[:, :2] - rad[:, None] > layout.size), axis=1)
