@@ -7,7 +7,7 @@ serves requests from a command queue one at a time and answers on a reply queue;
 polls that queue every ~30 ms and calls the request's callbacks on the GUI thread.
 
 Cancellation: a multiprocessing Event plus the id of the request to cancel (the child checks
-both through ``fitting.events.CancelToken``). A job the child has started gets
+both through ``fitting.core.events.CancelToken``). A job the child has started gets
 ``cancel_grace_s`` to stop cooperatively (the fit checks between iterations); if it has not
 stopped by then the child is killed and a fresh one started, so Cancel is always prompt.
 Nothing is lost by the kill: the engine writes files atomically and only at the end of a job.
@@ -36,7 +36,7 @@ CANCEL_GRACE_S = 1.0
 def render_threads() -> int:
     """Render threads for the child: every core but one, which the window keeps.
 
-    (``fitting.runtime.default_threads`` keeps both cores of a 2-core machine busy, which is
+    (``fitting.core.runtime.default_threads`` keeps both cores of a 2-core machine busy, which is
     right for the CLI but not beside an event loop.) An explicit MATFIT_THREADS wins.
     """
     explicit = os.environ.get("MATFIT_THREADS", "").strip()

@@ -11,7 +11,7 @@ Wire protocol, all plain picklable data (numbers, strings, dicts, numpy arrays, 
 - reply: ``(kind, request_id, payload)`` where kind is
   ``"ready"``      (id 0) once at start: runtime and capabilities (see ``EngineBackend.startup``),
   ``"started"``    the child began working on the request (the client may now cancel it),
-  ``"event"``      a :class:`fitting.events.FitEvent` (progress of a long job),
+  ``"event"``      a :class:`fitting.core.events.FitEvent` (progress of a long job),
   ``"result"``     the op's result dict; the request is done,
   ``"error"``      ``{"message", "hint", "kind", "traceback"}``; the request is done,
   ``"cancelled"``  ``{"message"}``; the request is done.
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 DEFAULT_BACKEND = "app.engine_worker:EngineBackend"
-# The same render seed the fit uses for its final preview (pipeline.EVAL_SEEDS[0]), so a
+# The same render seed the fit uses for its final preview (fitting.fit.refine.EVAL_SEEDS[0]), so a
 # slider preview at the fitted values looks like the fit's own result.
 PREVIEW_SEED = 1001
 SCENE_CACHE_SIZE = 6
@@ -39,7 +39,7 @@ Reply = Callable[[str, int, Any], None]
 
 
 class RequestCancelFlag:
-    """The Event-like object a :class:`fitting.events.CancelToken` checks, for ONE request.
+    """The Event-like object a :class:`fitting.core.events.CancelToken` checks, for ONE request.
 
     The shared Event says "a cancel was asked", the shared id says for which request. Checking
     both means a cancel meant for one job can never leak into the next one, even when the
@@ -74,12 +74,7 @@ def material_info(material) -> dict:
 def export_scene_function():
     """``export_mitsuba_scene(recipe, folder)`` if this engine has it, else None."""
     try:
-        from fitting.export import export_mitsuba_scene
-        return export_mitsuba_scene
-    except ImportError:
-        pass
-    try:
-        from fitting.recipe import export_mitsuba_scene  # where ARCHITECTURE.md lists it
+        from fitting.output.export import export_mitsuba_scene
         return export_mitsuba_scene
     except ImportError:
         return None
@@ -92,8 +87,8 @@ def recipe_for(req: dict):
     Requests carry everything (``material``, ``x``, ``base`` recipe dict, ``candidate`` with
     its ``x_initial``/``x_final``/``scale``), so a restarted engine can serve them as well.
     """
-    from fitting.library import get_material
-    from fitting.recipe import Recipe
+    from fitting.materials.library import get_material
+    from fitting.materials.recipe import Recipe
     mat = get_material(req["material"])
     x = np.asarray(req["x"], dtype=np.float32)
     if not req.get("base"):
@@ -130,21 +125,21 @@ class EngineBackend:
     def startup(self, device: str, threads: int) -> dict:
         """Warm the runtime up (imports, variant) and say what this engine can do."""
         info: dict[str, Any] = {"pid": os.getpid(), "threads": threads, "problems": []}
-        from fitting.errors import MatfitError
+        from fitting.core.errors import MatfitError
         try:
-            from fitting.runtime import init_mitsuba
+            from fitting.core.runtime import init_mitsuba
             rt = init_mitsuba(device, threads)
             info.update(variant=rt.variant, backend=rt.backend, gpu=rt.gpu)
         except MatfitError as exc:
             info["problems"].append(_error_payload(exc))
         try:
-            from fitting.descriptor import available_backbones
+            from fitting.describe.descriptor import available_backbones
             info["backbones"] = available_backbones()
         except Exception as exc:  # noqa: BLE001 - a missing module must not stop the engine
             info["backbones"] = {}
             info["problems"].append(_error_payload(exc))
         try:
-            from fitting.library import load_library
+            from fitting.materials.library import load_library
             info["materials"] = list(load_library())
         except Exception as exc:  # noqa: BLE001
             info["materials"] = []
@@ -154,8 +149,8 @@ class EngineBackend:
 
     def _scene(self, material_id: str, size: int, spp: int, layout_seed: int):
         """A cached MaterialScene: building the Mitsuba scene costs more than a render."""
-        from fitting.library import get_material
-        from fitting.scene import MaterialScene, RenderSettings
+        from fitting.materials.library import get_material
+        from fitting.materials.scene import MaterialScene, RenderSettings
         key = (material_id, int(size), int(spp), int(layout_seed))
         scene = self._scenes.get(key)
         if scene is None:
@@ -169,9 +164,11 @@ class EngineBackend:
 
     # ------------------------------------------------------------------ ops
     def op_fit(self, req: dict, emit, cancel) -> dict:
-        from fitting.images import load_reference
-        from fitting.library import get_material
-        from fitting.pipeline import FitOptions, center_tile, fit_reference
+        from fitting.reference.loading import load_reference
+        from fitting.materials.library import get_material
+        from fitting.fit.options import FitOptions
+        from fitting.fit.pipeline import fit_reference
+        from fitting.fit.target import center_tile
         crop = req.get("crop")
         ref = load_reference(req["path"], crop=tuple(crop) if crop else None)
         opts = FitOptions(**req.get("options", {}))
@@ -230,9 +227,9 @@ class EngineBackend:
         return out
 
     def op_bulk_preview(self, req: dict, emit, cancel) -> dict:
-        from fitting.events import FitEvent
-        from fitting.library import get_material
-        from fitting.scene import MaterialScene, RenderSettings
+        from fitting.core.events import FitEvent
+        from fitting.materials.library import get_material
+        from fitting.materials.scene import MaterialScene, RenderSettings
         r = req["render"]
         # A scene of its own: every seed rebuilds the layout, which must not evict the cached
         # scene the slider previews use.
@@ -254,16 +251,16 @@ class EngineBackend:
         return {"path": str(recipe_for(req).save(req["path"]))}
 
     def op_export_scene(self, req: dict, emit, cancel) -> dict:
-        from fitting.errors import MatfitError
+        from fitting.core.errors import MatfitError
         export = export_scene_function()
         if export is None:
             raise MatfitError("this matfit cannot export Mitsuba scenes yet",
-                              hint="update matfit; fitting.export.export_mitsuba_scene is missing")
+                              hint="update matfit; fitting.output.export.export_mitsuba_scene is missing")
         out = export(recipe_for(req), req["folder"])
         return {"path": str(out if out is not None else req["folder"])}
 
     def op_open_recipe(self, req: dict, emit, cancel) -> dict:
-        from fitting.recipe import Recipe
+        from fitting.materials.recipe import Recipe
         recipe = Recipe.load(req["path"])
         mat = recipe.material()
         x = recipe.vector(mat)
@@ -275,8 +272,8 @@ class EngineBackend:
         if req.get("reference") and scale:
             # The micrograph now open, at the scale the recipe was fitted at: comparable pixel
             # for pixel with the render.
-            from fitting.images import load_reference
-            from fitting.pipeline import center_tile
+            from fitting.reference.loading import load_reference
+            from fitting.fit.target import center_tile
             crop = req["reference"].get("crop")
             ref = load_reference(req["reference"]["path"], crop=tuple(crop) if crop else None)
             tile = to_uint8(center_tile(ref.working(max_side=int(scale)), int(render["size"])))
@@ -286,7 +283,7 @@ class EngineBackend:
 
 
 def _error_payload(exc: BaseException) -> dict:
-    from fitting.errors import MatfitError
+    from fitting.core.errors import MatfitError
     if isinstance(exc, MatfitError):
         return {"message": exc.message, "hint": exc.hint, "kind": type(exc).__name__, "traceback": ""}
     return {"message": f"{type(exc).__name__}: {exc}",
@@ -302,8 +299,8 @@ def _load_backend(spec: str):
 
 def handle(backend, req: dict, reply: Reply, cancel_event, cancel_id, parent_alive: Callable[[], bool]) -> None:
     """Run one request and send exactly one terminal reply (result, error or cancelled)."""
-    from fitting.errors import Cancelled
-    from fitting.events import CancelToken
+    from fitting.core.errors import Cancelled
+    from fitting.core.events import CancelToken
     rid = int(req["id"])
     token = CancelToken(RequestCancelFlag(cancel_event, cancel_id, rid))
     if token.cancelled:  # cancelled while it waited in the queue
@@ -340,7 +337,7 @@ def serve(requests, replies, cancel_event, cancel_id, config: dict) -> None:
     except OSError:
         pass
     threads = int(config["threads"])
-    # Read by fitting.runtime.init_mitsuba (Dr.Jit render threads) and by torch/OpenMP: leave
+    # Read by fitting.core.runtime.init_mitsuba (Dr.Jit render threads) and by torch/OpenMP: leave
     # the window a core.
     os.environ["MATFIT_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)

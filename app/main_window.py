@@ -32,7 +32,7 @@ IMAGE_FILTER = "Micrographs (*.png *.tif *.tiff *.jpg *.jpeg *.bmp *.webp);;All 
 RECIPE_FILTER = "matfit recipes (*.json);;All files (*)"
 RENDER_DEBOUNCE_MS = 150
 SETTINGS_KEYS = ("budget_s", "iterations", "size", "backbone")   # persisted FitOptions fields
-NO_EXPORT_TIP = "This matfit cannot export Mitsuba scenes yet (fitting.export.export_mitsuba_scene is missing)."
+NO_EXPORT_TIP = "This matfit cannot export Mitsuba scenes yet (fitting.output.export.export_mitsuba_scene is missing)."
 
 
 def _label(text: str, muted: bool = False) -> QLabel:
@@ -64,7 +64,7 @@ class _ReferenceLoader(QObject):
         ticket = self.ticket
 
         def work() -> None:
-            from fitting.images import load_reference
+            from fitting.reference.loading import load_reference
             try:
                 ref = load_reference(path)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a dialog
@@ -141,7 +141,7 @@ class MainWindow(QMainWindow):
                                       "Time budget, quality, CPU or GPU, descriptor backbone")
         self.quit_action = action("Quit", self.close, QKeySequence.StandardKey.Quit)
         self.fit_view_action = action("Fit images to view", self._fit_all_views, "Ctrl+0")
-        self.scene_export_available = importlib.util.find_spec("fitting.export") is not None
+        self.scene_export_available = importlib.util.find_spec("fitting.output.export") is not None
 
         menu = self.menuBar().addMenu("&File")
         menu.addAction(self.open_action)
@@ -732,7 +732,7 @@ class MainWindow(QMainWindow):
         self.show_error(title, err.message, err.hint)
 
     def show_exception(self, title: str, exc: BaseException) -> None:
-        from fitting.errors import MatfitError
+        from fitting.core.errors import MatfitError
         if isinstance(exc, MatfitError):
             self.show_error(title, exc.message, exc.hint)
         else:

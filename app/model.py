@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PySide6.QtCore import QObject, Signal
 
-from fitting.images import ReferenceImage
-from fitting.params import GROUPS, ParamSpec
+from fitting.reference.loading import ReferenceImage
+from fitting.materials.params import GROUPS, ParamSpec
 
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image pixels
@@ -24,7 +24,7 @@ DEFAULT_FIT_OPTIONS: dict = {"budget_s": 120.0, "iterations": 60, "size": 256, "
 
 
 # The engine's own spec class: the window maps normalised values to physical ones exactly as
-# the fit did (fitting.params does not load torch).
+# the fit did (fitting.materials.params does not load torch).
 ParamInfo = ParamSpec
 
 

@@ -47,7 +47,7 @@ def machine_info() -> dict:
     import drjit as dr
     import mitsuba as mi
     import torch
-    from fitting.runtime import runtime_info
+    from fitting.core.runtime import runtime_info
     cpu = platform.processor()
     try:
         for line in open("/proc/cpuinfo"):
@@ -64,8 +64,8 @@ def machine_info() -> dict:
 
 
 def recipe_for(mid: str, size: int, spp: int):
-    from fitting.library import get_material
-    from fitting.recipe import Recipe
+    from fitting.materials.library import get_material
+    from fitting.materials.recipe import Recipe
     mat = get_material(mid)
     return Recipe.from_vector(mat, mat.default_vector(), render={"size": size, "spp": spp, "layout_seed": 0})
 
@@ -76,9 +76,10 @@ def bench_paired(rec, tmp: Path, count: int, seed: int) -> dict:
     scene with a new seed. Interleaved, so both see the same machine load; medians reported."""
     import numpy as np
     import torch
-    from fitting.bulk import fill_texture_bank, make_job, render_index, seeds_for, write_set_files
-    from fitting.render import SceneRenderer
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.output.bulk.jobs import fill_texture_bank, make_job, render_index, seeds_for
+    from fitting.output.bulk.annotations import write_set_files
+    from fitting.render.tracing import SceneRenderer
+    from fitting.materials.scene import MaterialScene, RenderSettings
     job = make_job(rec, seed=seed)
     out = tmp / "paired"
     render_index(job, count + 1, out)                      # warm-up: kernels, library, caches
@@ -139,7 +140,7 @@ def bench_paired(rec, tmp: Path, count: int, seed: int) -> dict:
 
 def bench_end_to_end(rec, tmp: Path, count: int, seed: int) -> dict:
     """``render_dataset(workers=1)`` as the CLI runs it (this process, one render thread)."""
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     t0 = time.perf_counter()
     res = render_dataset(rec, tmp / "e2e", count, workers=1, seed=seed)
     wall = time.perf_counter() - t0
@@ -148,7 +149,7 @@ def bench_end_to_end(rec, tmp: Path, count: int, seed: int) -> dict:
 
 
 def bench_pool(rec, tmp: Path, workers: int, count: int, seed: int) -> dict:
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     times: list[float] = []
     t0 = time.perf_counter()
     res = render_dataset(rec, tmp / f"pool{workers}", count, workers=workers, seed=seed,
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(1)
-    from fitting.runtime import init_mitsuba
+    from fitting.core.runtime import init_mitsuba
     init_mitsuba("auto", threads=1)
     result = {"benchmark": "bulk", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
               "settings": {"size": args.size, "spp": args.spp, "count": args.count,

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    from fitting.descriptor import TextureDescriptor, descriptor_distance, synthetic_textures
+    from fitting.describe.descriptor import TextureDescriptor, descriptor_distance, synthetic_textures
 
     t0 = time.perf_counter()
     desc = TextureDescriptor(args.backbone, work_size=args.work_size)

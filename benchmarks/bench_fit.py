@@ -39,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    from fitting.runtime import runtime_info
+    from fitting.core.runtime import runtime_info
     info = runtime_info()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "variant": info.variant if info else None,
             "threads": info.threads if info else None, "load_average_at_end": os.getloadavg()}
@@ -52,12 +52,15 @@ def fit_overrides(args) -> dict:
 
 
 def synthetic(args) -> dict:
-    from fitting.descriptor import TextureDescriptor
-    from fitting.images import load_reference
-    from fitting.library import load_library
-    from fitting.pipeline import FitOptions, ReferenceTarget, evaluate_distance, fit_reference
-    from fitting.recipe import atomic_save_png
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.describe.descriptor import TextureDescriptor
+    from fitting.reference.loading import load_reference
+    from fitting.materials.library import load_library
+    from fitting.fit.options import FitOptions
+    from fitting.fit.pipeline import fit_reference
+    from fitting.fit.target import ReferenceTarget
+    from fitting.fit.refine import evaluate_distance
+    from fitting.core.files import atomic_save_png
+    from fitting.materials.scene import MaterialScene, RenderSettings
     lib = load_library()
     ids = sorted(lib)
     tmp = RESULTS / "synthetic_targets"
@@ -137,12 +140,14 @@ def synthetic(args) -> dict:
 
 
 def real(args) -> dict:
-    from fitting.descriptor import TextureDescriptor, descriptor_distance
-    from fitting.images import load_reference
-    from fitting.library import load_library
-    from fitting.pipeline import FitOptions, ReferenceTarget, fit_reference
-    from fitting.recipe import atomic_save_png
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.describe.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.reference.loading import load_reference
+    from fitting.materials.library import load_library
+    from fitting.fit.options import FitOptions
+    from fitting.fit.pipeline import fit_reference
+    from fitting.fit.target import ReferenceTarget
+    from fitting.core.files import atomic_save_png
+    from fitting.materials.scene import MaterialScene, RenderSettings
     refs = sorted(p for p in Path(args.refs).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif"))
     lib = load_library()
     desc = TextureDescriptor()
@@ -187,13 +192,13 @@ def speed(args) -> dict:
     float32 and with the VGG pass in bfloat16 (``FitOptions.loss_precision``; "auto" picks it on
     CPUs with bfloat16 instructions): keys ending in ``_bf16``.
     """
-    from fitting.descriptor import TextureDescriptor, descriptor_distance
-    from fitting.library import load_library
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.describe.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.materials.library import load_library
+    from fitting.materials.scene import MaterialScene, RenderSettings
     desc = TextureDescriptor()
     out = {}
-    from fitting.pipeline import describe_in
-    from fitting.runtime import cpu_has_fast_bf16
+    from fitting.fit.refine import describe_in
+    from fitting.core.runtime import cpu_has_fast_bf16
     out["cpu_has_fast_bf16"] = cpu_has_fast_bf16()
     for key, crop, bf16 in (("whole_render", 0, False), ("crop128", 128, False),     # loss_crop 1, 0.5
                             ("whole_render_bf16", 0, True), ("crop128_bf16", 128, True)):
@@ -242,13 +247,17 @@ def ablation(args) -> dict:
     reports the final descriptor distance, the gray-level error (mean |quantile difference|)
     and the normalised parameter error against the hidden truth.
     """
-    from fitting.descriptor import TextureDescriptor
-    from fitting.events import CancelToken, null_sink
-    from fitting.images import load_reference
-    from fitting.library import load_library
-    from fitting.pipeline import Candidate, FitOptions, ReferenceTarget, match_noise, match_tone, refine, sorted_pixels
-    from fitting.recipe import atomic_save_png
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.describe.descriptor import TextureDescriptor
+    from fitting.core.events import CancelToken, null_sink
+    from fitting.reference.loading import load_reference
+    from fitting.materials.library import load_library
+    from fitting.fit.results import Candidate
+    from fitting.fit.options import FitOptions
+    from fitting.fit.target import ReferenceTarget, sorted_pixels
+    from fitting.fit.candidates import match_noise, match_tone
+    from fitting.fit.refine import refine
+    from fitting.core.files import atomic_save_png
+    from fitting.materials.scene import MaterialScene, RenderSettings
     lib = load_library()
     desc = TextureDescriptor()
     ids = ["sem_sintered_agglomerates", "tem_carbon_black", "optical_emulsion_droplets", "sem_faceted_crystals",
@@ -303,13 +312,17 @@ def crop(args) -> dict:
     early stopping as in a fit. Reported: the full-render descriptor distance (the fit's
     yardstick, ``evaluate_distance``) before and after, the iterations done, the parameter error.
     """
-    from fitting.descriptor import TextureDescriptor
-    from fitting.events import CancelToken, null_sink
-    from fitting.images import load_reference
-    from fitting.library import load_library
-    from fitting.pipeline import Candidate, FitOptions, ReferenceTarget, match_noise, match_tone, refine
-    from fitting.recipe import atomic_save_png
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.describe.descriptor import TextureDescriptor
+    from fitting.core.events import CancelToken, null_sink
+    from fitting.reference.loading import load_reference
+    from fitting.materials.library import load_library
+    from fitting.fit.results import Candidate
+    from fitting.fit.options import FitOptions
+    from fitting.fit.target import ReferenceTarget
+    from fitting.fit.candidates import match_noise, match_tone
+    from fitting.fit.refine import refine
+    from fitting.core.files import atomic_save_png
+    from fitting.materials.scene import MaterialScene, RenderSettings
     lib = load_library()
     desc = TextureDescriptor()
     ids = sorted(lib)
@@ -373,7 +386,7 @@ def main() -> None:
                     help="synthetic/real: FitOptions.screen, materials screened before the top 3 (0 = off)")
     ap.add_argument("--out", help="result file (default results/fit_<mode>.json)")
     args = ap.parse_args()
-    from fitting.runtime import init_mitsuba
+    from fitting.core.runtime import init_mitsuba
     init_mitsuba()
     res = {"synthetic": synthetic, "real": real, "speed": speed, "ablation": ablation, "crop": crop}[args.mode](args)
     res["machine"] = machine()

@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "render.json"))
     args = ap.parse_args()
-    from fitting.runtime import init_mitsuba
+    from fitting.core.runtime import init_mitsuba
     info = init_mitsuba()
     torch.set_num_threads(info.threads)
-    from fitting.library import load_library
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.materials.library import load_library
+    from fitting.materials.scene import MaterialScene, RenderSettings
     rows = {}
     for mid, mat in load_library().items():
         scene = MaterialScene(mat, RenderSettings(size=args.size, spp=args.spp, layout_seed=0))

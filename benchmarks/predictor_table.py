@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from fitting.library import load_library
-    from fitting.predictor import predictor_status
+    from fitting.materials.library import load_library
+    from fitting.fit.predictor import predictor_status
     groups = ("surface", "geometry", "lighting", "imaging")
     lines = ["# Predictor evaluation (held-out split)", "",
              "Normalised MAE of the network / of predicting the mean; `ratio` = network / mean.", "",

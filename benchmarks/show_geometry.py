@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fitting.geometry import GEOMETRY_KINDS, generate_layout  # noqa: E402
+from fitting.render.geometry.kinds import GEOMETRY_KINDS, generate_layout  # noqa: E402
 
 CASES: list[tuple[str, dict]] = [
     ("spheres", {}),

@@ -2,7 +2,7 @@
 
 One window (and one engine process) serves the tests that need a finished fit; the fit runs once,
 with a 10 ms QTimer measuring how long the event loop ever stalls while it runs. Tests that need
-no fit use windows without an engine. QMessageBox is patched to record dialogs, never block.
+no fit use windows without an engine. Every dialog is patched to record, never block (conftest.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl  # noqa: E402
 from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
-from PySide6.QtWidgets import QApplication, QMessageBox  # noqa: E402
+from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app import state  # noqa: E402
 from app.main_window import MainWindow  # noqa: E402
@@ -106,20 +106,9 @@ def _state_dir():
 
 
 @pytest.fixture(scope="module")
-def dialogs():
-    """Every QMessageBox the window shows, as (kind, title, text); none blocks."""
-    shown: list[tuple[str, str, str]] = []
-
-    def recorder(kind: str):
-        def show(parent, title, text, *args, **kwargs):
-            shown.append((kind, title, text))
-            return QMessageBox.StandardButton.Ok
-        return show
-
-    with pytest.MonkeyPatch.context() as mp:
-        for kind in ("critical", "warning", "information", "question"):
-            mp.setattr(QMessageBox, kind, recorder(kind))
-        yield shown
+def dialogs(no_blocking_dialogs):
+    """Every dialog the window showed, as (kind, title, text); none blocks (tests/conftest.py)."""
+    return no_blocking_dialogs
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +266,7 @@ def test_screening_then_refinement_events_keep_each_materials_loss_curve(qtbot):
     """A fit sends "candidates" twice: the screened pool after ranking, then the final top-3.
     Materials that stay keep their loss curves in the model and the plot; the strip shows
     the current list."""
-    from fitting.events import FitEvent
+    from fitting.core.events import FitEvent
     w = new_window(qtbot)
     m = w.model
     m.begin_fit()

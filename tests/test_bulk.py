@@ -27,7 +27,7 @@ SIZE = 128
 # ----------------------------------------------------------------------------------------------
 def test_png_bytes_are_lossless_8_and_16_bit():
     import io
-    from fitting.bulk import png_bytes
+    from fitting.output.bulk.files import png_bytes
     rng = np.random.default_rng(3)
     img8 = rng.integers(0, 256, (37, 53), dtype=np.uint8)
     mask16 = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
@@ -45,7 +45,7 @@ def test_png_bytes_are_lossless_8_and_16_bit():
 # quality metrics (numpy only)
 # ----------------------------------------------------------------------------------------------
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
-    from fitting.quality import fid
+    from fitting.describe.quality import fid
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 8))
     assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
@@ -56,7 +56,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
 
 
 def test_fid_matches_closed_form_for_1d_gaussians():
-    from fitting.quality import frechet_distance
+    from fitting.describe.quality import frechet_distance
     m1, v1, m2, v2 = 1.0, 4.0, -0.5, 0.25
     expect = (m1 - m2) ** 2 + v1 + v2 - 2 * np.sqrt(v1 * v2)
     assert frechet_distance(np.array([m1]), np.array([[v1]]), np.array([m2]), np.array([[v2]])) == \
@@ -64,7 +64,7 @@ def test_fid_matches_closed_form_for_1d_gaussians():
 
 
 def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_shift():
-    from fitting.quality import kid
+    from fitting.describe.quality import kid
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
     same, same_std = kid(a, b, subsets=50, subset_size=100)
@@ -78,7 +78,7 @@ def test_rle_of_a_label_image_equals_pycocotools_encode():
     """Edge cases: an instance at the first and one at the last pixel, runs that wrap from the
     bottom of a column to the top of the next, a split instance, an id missing from the image."""
     from pycocotools import mask as mask_utils
-    from fitting.bulk import rle_counts_all
+    from fitting.output.bulk.labels import rle_counts_all
     lab = np.zeros((6, 5), np.int32)
     lab[0, 0] = 1
     lab[-1, -1] = 2
@@ -103,8 +103,8 @@ def test_rle_of_a_label_image_equals_pycocotools_encode():
 # rendered sets
 # ----------------------------------------------------------------------------------------------
 def _recipe(mid: str, path: Path, spp: int):
-    from fitting.library import get_material
-    from fitting.recipe import Recipe
+    from fitting.materials.library import get_material
+    from fitting.materials.recipe import Recipe
     mat = get_material(mid)
     x = mat.default_vector()
     rec = Recipe.from_vector(mat, x, render={"size": SIZE, "spp": spp, "layout_seed": 0})
@@ -119,7 +119,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sem_set(work):
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     _recipe(SEM, work / "sem.json", spp=1)
     res = render_dataset(work / "sem.json", work / "sem", 4, workers=1)
     return res, work / "sem"
@@ -127,7 +127,7 @@ def sem_set(work):
 
 @pytest.fixture(scope="module")
 def tem_set(work):
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     _recipe(TEM, work / "tem.json", spp=2)
     res = render_dataset(work / "tem.json", work / "tem", 3, workers=1)
     return res, work / "tem"
@@ -188,9 +188,9 @@ def test_image_and_mask_are_the_scene_render_and_instance_mask(which, sem_set, t
     majority particle of that render's own samples, relabelled (per agglomerate for TEM); it
     agrees with the pixel-centre instance mask except along particle outlines."""
     import torch
-    from fitting.bulk import relabel
-    from fitting.recipe import Recipe
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.output.bulk.labels import relabel
+    from fitting.materials.recipe import Recipe
+    from fitting.materials.scene import MaterialScene, RenderSettings
     res, d = sem_set if which == "sem" else tem_set
     rec = Recipe.load(d.parent / f"{which}.json")
     mat = rec.material()
@@ -230,7 +230,7 @@ def test_image_and_mask_are_the_scene_render_and_instance_mask(which, sem_set, t
 
 
 def test_sample_mask_is_the_majority_of_the_pixel_samples():
-    from fitting.render import SceneRenderer
+    from fitting.render.tracing import SceneRenderer
     r = SceneRenderer.__new__(SceneRenderer)
     r.resolution, r.spp = 2, 4
     r._last_particle = np.array([3, 3, 0, 5,   0, 0, 7, 0,   2, 4, 4, 2,   9, 9, 9, 9], np.uint32)
@@ -263,7 +263,7 @@ def test_coco_file_loads_and_decodes_back_to_the_masks(sem_set, tem_set):
                 assert mask_utils.frPyObjects(a["segmentation"], SIZE, SIZE)["counts"] == enc["counts"]
                 assert list(mask_utils.toBbox(enc)) == a["bbox"]
     # the compact variant (pycocotools' string counts) decodes to the same masks
-    from fitting.bulk import build_coco, read_sidecars
+    from fitting.output.bulk.annotations import build_coco, read_sidecars
     res, d = tem_set
     path = d.parent / "tem_compressed.json"
     path.write_text(json.dumps(build_coco(read_sidecars(d), rle="compressed")))
@@ -313,7 +313,7 @@ def test_particle_features_csv(sem_set, tem_set):
 
 
 def test_resumed_runs_give_the_uninterrupted_set(sem_set, work):
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     _, full = sem_set
     d = work / "sem_resumed"
     r2 = render_dataset(work / "sem.json", d, 2, workers=1)       # "interrupted" after 2 images
@@ -333,8 +333,8 @@ def test_resumed_runs_give_the_uninterrupted_set(sem_set, work):
 
 
 def test_cancel_stops_between_images_and_the_coco_matches(work, sem_set):
-    from fitting.bulk import render_dataset
-    from fitting.events import CancelToken
+    from fitting.output.bulk.run import render_dataset
+    from fitting.core.events import CancelToken
     d = work / "sem_cancel"
     tok = CancelToken()
     res = render_dataset(work / "sem.json", d, 4, workers=1, cancel=tok,
@@ -347,8 +347,8 @@ def test_cancel_stops_between_images_and_the_coco_matches(work, sem_set):
 
 
 def test_a_folder_of_another_set_is_refused(work, sem_set):
-    from fitting.bulk import render_dataset
-    from fitting.errors import MatfitError
+    from fitting.output.bulk.run import render_dataset
+    from fitting.core.errors import MatfitError
     with pytest.raises(MatfitError, match="other settings"):
         render_dataset(work / "sem.json", sem_set[1], 4, workers=1, spp=2)
     with pytest.raises(MatfitError, match="other settings"):
@@ -357,7 +357,7 @@ def test_a_folder_of_another_set_is_refused(work, sem_set):
 
 def test_dask_local_cluster_writes_the_same_files(work, sem_set):
     from distributed import LocalCluster
-    from fitting.bulk import render_dataset
+    from fitting.output.bulk.run import render_dataset
     d = work / "sem_dask"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         res = render_dataset(work / "sem.json", d, 4, scheduler=cluster.scheduler_address, chunk_size=2)
@@ -366,7 +366,7 @@ def test_dask_local_cluster_writes_the_same_files(work, sem_set):
 
 
 def test_cli_bulk_local_pool_and_bad_recipe(work, sem_set, capsys):
-    from fitting.cli import main
+    from fitting.cli.main import main
     d = work / "sem_cli"
     rc = main(["bulk", str(work / "sem.json"), "--count", "3", "--out", str(d), "--workers", "2", "--quiet"])
     assert rc == 0
@@ -386,7 +386,7 @@ def test_cli_bulk_local_pool_and_bad_recipe(work, sem_set, capsys):
 
 
 def test_cli_score_prints_fid_and_kid(tem_set, reference_dir, capsys):
-    from fitting.cli import main
+    from fitting.cli.main import main
     ref = reference_dir / "CarbonBlackSegmentation__20180529_A9_003.png"
     assert ref.is_file()
     rc = main(["score", str(ref), str(tem_set[1]), "--crops", "8", "--crop-min", "96", "--crop-max", "96"])
@@ -403,9 +403,9 @@ def test_cli_score_prints_fid_and_kid(tem_set, reference_dir, capsys):
 
 
 def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
-    from fitting.bulk import make_job, seeds_for, texture_seed_for
-    from fitting.library import get_material
-    from fitting.recipe import Recipe
+    from fitting.output.bulk.jobs import make_job, seeds_for, texture_seed_for
+    from fitting.materials.library import get_material
+    from fitting.materials.recipe import Recipe
     mat = get_material("sem_polystyrene_spheres")
     rec = Recipe.from_vector(mat, mat.default_vector())
     job = make_job(rec, size=64, spp=1, seed=3, texture_variants=4)
@@ -414,7 +414,7 @@ def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
     job0 = make_job(rec, size=64, spp=1, seed=3, texture_variants=0)
     rs = [seeds_for(3, i)[1] for i in range(16)]
     assert [texture_seed_for(job0, r) for r in rs] == rs   # 0: the texture follows the render seed
-    from fitting.bulk import job_key
+    from fitting.output.bulk.jobs import job_key
     assert job_key(job) != job_key(job0)                   # a set never mixes the two
     with pytest.raises(Exception, match="texture-variants"):
         make_job(rec, size=64, spp=1, texture_variants=-1)
@@ -423,9 +423,9 @@ def test_texture_variants_cycle_and_zero_means_one_texture_per_image():
 def test_filled_texture_bank_serves_every_image_without_new_graph_evaluations(tmp_path, monkeypatch):
     """fill_texture_bank evaluates each variant once; the set's images then only read the bank,
     and an image is the same whether its variant came from the bank or was evaluated for it."""
-    from fitting import bulk
-    from fitting.library import get_material
-    from fitting.recipe import Recipe
+    from fitting.output.bulk import jobs as bulk
+    from fitting.materials.library import get_material
+    from fitting.materials.recipe import Recipe
     mat = get_material("sem_polystyrene_spheres")
     rec = Recipe.from_vector(mat, mat.default_vector())
     job = bulk.make_job(rec, size=64, spp=1, seed=5, texture_variants=3)
@@ -446,7 +446,7 @@ def test_filled_texture_bank_serves_every_image_without_new_graph_evaluations(tm
 
 def test_heap_frozen_only_while_an_image_renders_and_nested_use_keeps_the_outer_freeze():
     import gc
-    from fitting.bulk import long_lived_heap_frozen
+    from fitting.output.bulk.files import long_lived_heap_frozen
     assert gc.get_freeze_count() == 0
     with long_lived_heap_frozen():
         frozen = gc.get_freeze_count()

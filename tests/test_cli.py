@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def matfit(*args, timeout=600, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fitting.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fitting.cli.main", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or ROOT)
 
 
@@ -42,9 +41,9 @@ def test_too_old_llvm_gives_an_install_hint_and_never_loads_drjit(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         os.environ.pop("DRJIT_LIBLLVM_PATH", None)
-        import fitting.runtime as rt
+        import fitting.core.runtime as rt
         rt.candidate_llvm_paths = lambda: [{str(fake)!r}, "/usr/lib/x86_64-linux-gnu/libLLVM-15.so.1"]
-        from fitting.errors import RuntimeSetupError
+        from fitting.core.errors import RuntimeSetupError
         try:
             rt.init_mitsuba("cpu")
         except RuntimeSetupError as e:

@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fitting import descriptor as D
-from fitting.descriptor import (TextureDescriptor, available_backbones, check_same_backbone,
-                                descriptor_distance)
-from fitting.errors import BackboneError, ImageLoadError
+from fitting.describe import descriptor as D
+from fitting.describe.descriptor import (TextureDescriptor, available_backbones, check_same_backbone, descriptor_distance)
+from fitting.core.errors import BackboneError, ImageLoadError
 
 try:  # another engineer may provide it
     from conftest import REFERENCE_DIR  # type: ignore

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from fitting.errors import LibraryError
-from fitting.geometry import (
-    GEOMETRY_KINDS,
-    GeometryParam,
-    ParticleLayout,
-    _raster_fragments,
-    fractal_dimension_estimate,
-    generate_layout,
-    grow_aggregate,
-    validate_geometry_params,
-)
+from fitting.core.errors import LibraryError
+from fitting.render.geometry.kinds import GEOMETRY_KINDS, generate_layout, validate_geometry_params
+from fitting.render.geometry.layout import GeometryParam, ParticleLayout
+from fitting.render.geometry.raster import _raster_fragments
+from fitting.render.geometry.agglomerates import fractal_dimension_estimate, grow_aggregate
 
 KINDS = list(GEOMETRY_KINDS)
 SINGLE_KINDS = [k for k in KINDS if k != "agglomerates"]
@@ -376,7 +370,7 @@ def test_densest_512_field_is_fast(kind):
 
 
 def test_affine_groups_are_recognised_and_rejected_correctly():
-    from fitting.geometry import _affine_group, _sphere_template
+    from fitting.render.geometry.meshes import _affine_group, _sphere_template
     rng = np.random.default_rng(0)
     tp, tn, tf = _sphere_template(2)
     k = 5
@@ -402,7 +396,7 @@ def test_sphere_groups_given_their_transforms_reproduce_the_merged_mesh(kind):
     """Sphere generators hand their exact affine maps to the mesh builder (no least-squares
     detection); every instance rebuilt from template + matrix must equal the merged soup, and
     the matrices must be what the detection finds."""
-    from fitting.geometry import _affine_group
+    from fitting.render.geometry.meshes import _affine_group
     lay = generate_layout(kind, dense(kind), 256, 3)
     assert lay.instances, "sphere layouts are instanced"
     for g in lay.instances:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fitting.errors import LibraryError
-from fitting.graph import OUTPUT_NAMES, MaterialGraph, slopes
-from fitting.nodes import NODE_TYPES
+from fitting.core.errors import LibraryError
+from fitting.materials.graph import OUTPUT_NAMES, MaterialGraph
+from fitting.materials.nodes import slopes
+from fitting.materials.nodes import NODE_TYPES
 
 F64 = torch.float64
 
@@ -129,7 +130,7 @@ def test_same_seed_same_maps_other_seed_same_statistics():
 
 
 def test_lattice_table_and_per_pixel_hashing_agree(monkeypatch):
-    from fitting import nodes
+    from fitting.materials import nodes
     g = MaterialGraph.from_dict({"nodes": [
         {"id": "f", "type": "fbm", "params": {"scale": 5.0, "octaves": 3, "angle": 20.0}},
         {"id": "c", "type": "cellular", "params": {"cell_size": 6.0, "mode": "f2-f1"}},
@@ -541,7 +542,7 @@ def test_blur_preserves_mean_and_smooths():
 
 @pytest.mark.parametrize("sigma", [0.4, 1.2, 1.6, 3.0, 7.5])
 def test_blur_matches_reference_convolution(sigma):
-    from fitting.nodes import gaussian_blur
+    from fitting.materials.nodes import gaussian_blur
     img = torch.rand(40, 40, dtype=F64, generator=torch.Generator().manual_seed(0))
     r = math.ceil(4 * sigma)
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=F64) / sigma) ** 2)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, TiffImagePlugin
 
-from fitting import images
-from fitting.errors import ImageLoadError
-from fitting.images import (ReferenceImage, detect_aperture, detect_data_bar, load_image_rgb,
-                            load_reference)
+from fitting.reference import loading as images
+from fitting.core.errors import ImageLoadError
+from fitting.reference.loading import ReferenceImage, load_image_rgb, load_reference
+from fitting.reference.regions import detect_aperture, detect_data_bar
 
 LICOVO4 = "ParticleAnalyzer__Cathode_LiCoVO4.jpg"
 APERTURE = "ParticleMixtureAnalysis__image_000_00006.png"
@@ -279,6 +279,33 @@ def test_pixel_size_from_tiff_tags(tmp_path: Path) -> None:
     assert load_reference(tmp_path / "fei.tif").pixel_size_nm == pytest.approx(2.5)
     im.save(tmp_path / "none.png")
     assert load_reference(tmp_path / "none.png").pixel_size_nm is None
+
+
+@pytest.mark.parametrize("dpi", [72, 96, 254, 300, 600, 2400])
+def test_print_dpi_is_no_pixel_size(tmp_path: Path, dpi: int) -> None:
+    """A JEOL SEM TIFF with XResolution 254 per inch was reported as 100000 nm per pixel."""
+    Image.fromarray(noise_u8(20, 20)).save(tmp_path / "jeol.tif", dpi=(dpi, dpi))
+    r = load_reference(tmp_path / "jeol.tif")
+    assert r.pixel_size_nm is None and r.to_dict()["pixel_size_nm"] is None
+    assert any("DPI" in n for n in r.notes)
+
+
+def test_pixel_size_and_instrument_from_vendor_text(tmp_path: Path) -> None:
+    im = Image.fromarray(noise_u8(20, 20))
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[270] = "JEOL JSM-7800F SEM, Secondary electrons, PixelSize = 12.5 nm"
+    ifd.tagtype[270] = 2
+    im.save(tmp_path / "jeol.tif", tiffinfo=ifd, dpi=(254, 254))
+    r = load_reference(tmp_path / "jeol.tif")
+    assert r.pixel_size_nm == pytest.approx(12.5)
+    assert r.imaging_tag == "sem" and "270" in r.imaging_tag_cue
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[305] = "DigitalMicrograph 3.5 (Gatan)"
+    ifd.tagtype[305] = 2
+    im.save(tmp_path / "gatan.tif", tiffinfo=ifd)
+    assert load_reference(tmp_path / "gatan.tif").imaging_tag == "tem"
+    im.save(tmp_path / "plain.tif")
+    assert load_reference(tmp_path / "plain.tif").imaging_tag is None
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fitting.errors import LibraryError
-from fitting.library import load_library, load_material
-from fitting.params import GROUPS
-from fitting.scene import MaterialScene, RenderSettings
+from fitting.core.errors import LibraryError
+from fitting.materials.library import load_library, load_material
+from fitting.materials.params import GROUPS
+from fitting.materials.scene import MaterialScene, RenderSettings
 
 LIB = load_library()
 IDS = sorted(LIB)

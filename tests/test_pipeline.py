@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fitting.errors import Cancelled
-from fitting.events import CancelToken
-from fitting.pipeline import FitOptions, fit_reference
-from fitting.recipe import Recipe
+from fitting.core.errors import Cancelled
+from fitting.core.events import CancelToken
+from fitting.fit.options import FitOptions
+from fitting.fit.pipeline import fit_reference
+from fitting.materials.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "resources" / "examples" / "example_sem.png"
@@ -107,7 +107,7 @@ def test_cancel_stops_within_one_iteration():
 def test_cli_fit_json_and_compare(tmp_path):
     out = tmp_path / "r.json"
     prev = tmp_path / "side.png"
-    cmd = [sys.executable, "-m", "fitting.cli", "fit", str(EXAMPLE), "-o", str(out), "--json", "--size", "128",
+    cmd = [sys.executable, "-m", "fitting.cli.main", "fit", str(EXAMPLE), "-o", str(out), "--json", "--size", "128",
            "--spp", "2", "--iterations", "2", "--budget", "40",
            "--materials", "sem_sintered_agglomerates,sem_polystyrene_spheres,sem_nanorods",
            "--save-preview", str(prev)]
@@ -122,7 +122,7 @@ def test_cli_fit_json_and_compare(tmp_path):
     assert "metrics" in s and "timings" in s
     assert out.exists() and prev.exists()
     assert "[" in p.stderr  # progress bar on stderr
-    c = subprocess.run([sys.executable, "-m", "fitting.cli", "compare", str(EXAMPLE), str(out), "--json"],
+    c = subprocess.run([sys.executable, "-m", "fitting.cli.main", "compare", str(EXAMPLE), str(out), "--json"],
                        capture_output=True, text=True, timeout=600)
     assert c.returncode == 0, c.stderr
     assert json.loads(c.stdout)["distance"] > 0
@@ -131,7 +131,7 @@ def test_cli_fit_json_and_compare(tmp_path):
 def test_cli_fit_bad_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    p = subprocess.run([sys.executable, "-m", "fitting.cli", "fit", str(bad), "-o", str(tmp_path / "x.json")],
+    p = subprocess.run([sys.executable, "-m", "fitting.cli.main", "fit", str(bad), "-o", str(tmp_path / "x.json")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "notes.png" in p.stderr and "Traceback" not in p.stderr
@@ -141,10 +141,11 @@ def test_cli_fit_bad_image_is_a_clear_error(tmp_path):
 def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
     """loss_crop: the loss describes a crop at native pixel scale, the reference is described by
     tiles of that side (no resampling on either side); loss_crop=1 is the whole render."""
-    from fitting.descriptor import TextureDescriptor, descriptor_distance
-    from fitting.errors import MatfitError
-    from fitting.images import load_reference
-    from fitting.pipeline import ReferenceTarget, crop_loss_target
+    from fitting.describe.descriptor import TextureDescriptor, descriptor_distance
+    from fitting.core.errors import MatfitError
+    from fitting.reference.loading import load_reference
+    from fitting.fit.target import ReferenceTarget
+    from fitting.fit.refine import crop_loss_target
     desc = TextureDescriptor(work_size=128)
     target = ReferenceTarget(load_reference(EXAMPLE), desc, (256,), 128)
     tgt = target.by_scale[256]
@@ -169,9 +170,10 @@ def test_refinement_loss_compares_crops_with_reference_tiles_of_the_same_size():
 
 def test_loss_precision_option():
     import torch
-    from fitting.errors import MatfitError
-    from fitting.pipeline import FitOptions, loss_precision
-    from fitting.runtime import cpu_has_fast_bf16
+    from fitting.core.errors import MatfitError
+    from fitting.fit.options import FitOptions
+    from fitting.fit.refine import loss_precision
+    from fitting.core.runtime import cpu_has_fast_bf16
     cpu = torch.device("cpu")
     assert loss_precision(FitOptions(loss_precision="float32"), cpu) == "float32"
     assert loss_precision(FitOptions(loss_precision="bfloat16"), cpu) == "bfloat16"

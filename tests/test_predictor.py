@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fitting.descriptor import TextureDescriptor
-from fitting.library import load_library, load_material
-from fitting.predictor import (dataset_dir, generate_dataset, load_predictor, predictor_status, reduce_descriptor,
-                               train_predictor)
+from fitting.describe.descriptor import TextureDescriptor
+from fitting.materials.library import load_library, load_material
+from fitting.fit.predictor import (dataset_dir, generate_dataset, load_predictor, predictor_status, reduce_descriptor, train_predictor)
 
 MID = "sem_polystyrene_spheres"
 SIZE = 64

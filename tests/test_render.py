@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from fitting.imaging import IMAGING_MODELS
-from fitting.render import SceneRenderer, TEXTURE_CHANNELS, stack_maps
+from fitting.render.imaging import IMAGING_MODELS
+from fitting.render.tracing import SceneRenderer, TEXTURE_CHANNELS, stack_maps
 
 
 def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -208,14 +207,14 @@ def test_new_seed_changes_samples_same_seed_repeats():
 
 # ------------------------------------------------------------------ instanced scenes
 def _library_ids() -> list[str]:
-    from fitting.library import load_library
+    from fitting.materials.library import load_library
     return sorted(load_library())
 
 
 def default_scene(material_id: str, size: int, spp: int):
     """A library material at its default parameters: (material, MaterialScene, split parts)."""
-    from fitting.library import get_material
-    from fitting.scene import MaterialScene, RenderSettings
+    from fitting.materials.library import get_material
+    from fitting.materials.scene import MaterialScene, RenderSettings
     mat = get_material(material_id)
     scene = MaterialScene(mat, RenderSettings(size=size, spp=spp))
     return mat, scene, scene.split(torch.as_tensor(mat.default_vector()))
@@ -308,7 +307,7 @@ def test_sample_mask_is_the_majority_vote_of_each_pixels_samples():
     """The vote only runs on pixels whose samples disagree; the result must equal a brute-force
     majority (ties: the earliest sample among the most frequent ids) on every pixel."""
     from types import SimpleNamespace
-    from fitting.render import SceneRenderer
+    from fitting.render.tracing import SceneRenderer
     rng = np.random.default_rng(3)
     res, spp = 24, 5
     ids = rng.integers(0, 4, (res * res, spp)).astype(np.int32)
@@ -325,7 +324,7 @@ def test_sample_mask_is_the_majority_vote_of_each_pixels_samples():
 def test_gaussian_blur_matches_a_reference_convolution_and_its_gradient():
     import torch
     import torch.nn.functional as F
-    from fitting.imaging import gaussian_blur
+    from fitting.render.imaging import gaussian_blur
     img = torch.rand(37, 41, dtype=torch.float64, requires_grad=True)
     for sigma in (0.4, 1.7, 5.0):
         s = torch.tensor(sigma, dtype=torch.float64, requires_grad=True)
@@ -352,7 +351,7 @@ def test_detector_noise_has_the_shot_plus_readout_variance_and_its_gradient():
     """One Gaussian draw per pixel stands for shot noise (variance level / dose) plus read-out
     noise (sigma^2): the spread of the result and the reparameterised gradient of its energy
     (d/d sigma E[(out - img)^2] = 2 sigma, d/d dose = -level / dose^2) match those laws."""
-    from fitting.imaging import add_noise, noise_generator
+    from fitting.render.imaging import add_noise, noise_generator
     for level in (0.2, 0.8):
         img = torch.full((512, 512), level)
         sigma = torch.tensor(0.05, requires_grad=True)

@@ -1,0 +1,1 @@
+"""The ``matfit`` command line: ``main`` dispatches to one module per group of commands."""

@@ -1,0 +1,4 @@
+"""``python -m fitting.cli``."""
+from fitting.cli.main import main
+
+raise SystemExit(main())

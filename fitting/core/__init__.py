@@ -1,0 +1,2 @@
+"""Shared infrastructure: user-facing errors, progress events and cancellation, the Mitsuba
+runtime set-up, atomic file writes."""

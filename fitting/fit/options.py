@@ -1,0 +1,61 @@
+"""The options of a fit (budget, render size, loss settings), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitting.core.errors import MatfitError
+
+LOSS_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class FitOptions:
+    budget_s: float = 120.0          # whole fit, wall clock
+    iterations: int = 60             # per candidate, at most
+    size: int = 256                  # render/working resolution
+    spp: int = 4
+    seed: int = 0
+    top_k: int = 3
+    backbone: str = "vgg16-hed"
+    preview_every: int = 5           # iterations between preview events
+    lr: float = 0.04
+    patience: int = 12               # whole-render iterations without improvement before stopping
+    hist_weight: float = 1.0
+    # Side of the random square crop of each refinement render that the descriptor loss sees, as
+    # a fraction of the render size (1 = the whole render): ``screen_loss_crop`` for the short
+    # screening refinements, ``loss_crop`` for the final ones. A crop buys iterations, but one
+    # crop's distance to the reference tiles' mean also rewards renders whose crops all look
+    # alike, so the final refinement sees the whole render (docs/decisions.md, "Fit: loss crop").
+    loss_crop: float = 1.0
+    screen_loss_crop: float = 0.5
+    materials: list[str] | None = None   # restrict the library (tests, power users)
+    scales: tuple[int, ...] = (256, 384, 512, 768)   # reference working sizes (longer side, px)
+    search_sizes: bool = True
+    # Screening (off by default): the best ``screen`` materials are each refined briefly
+    # (together ``screen_share`` of the budget) and re-ranked before the final ``top_k`` are
+    # refined in full. A short refinement gains most on materials that start far off, so it
+    # moved true materials out of the top 3 as often as into it (docs/decisions.md, "Fit: screening").
+    screen: int = 0
+    screen_share: float = 0.25
+    # Arithmetic of the VGG passes of the ranking renders and of the refinement loss: "bfloat16"
+    # (autocast), "float32", or "auto" = bfloat16 on CPUs with bfloat16 instructions, where it
+    # is about twice as fast for the same loss; reported distances are always float32
+    # (docs/decisions.md, "Fit: loss precision").
+    loss_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("loss_crop", "screen_loss_crop"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise MatfitError(f"{name} must be a fraction in 0..1, got {getattr(self, name)}",
+                                  hint="0.5 = a crop of half the render's side; 1 = the whole render")
+        if self.loss_precision not in LOSS_PRECISIONS:
+            raise MatfitError(f"loss_precision must be one of {', '.join(LOSS_PRECISIONS)}, got {self.loss_precision!r}",
+                              hint="auto picks bfloat16 on CPUs with bfloat16 instructions, else float32")
+        if int(self.screen) < 0 or not 0.0 <= float(self.screen_share) < 1.0:
+            raise MatfitError(f"screen must be >= 0 and screen_share in [0, 1), got {self.screen}, "
+                              f"{self.screen_share}", hint="screen 0 (or <= top_k) turns screening off")
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["scales"] = list(self.scales)
+        return d

@@ -1,0 +1,2 @@
+"""What a recipe produces: labelled training sets (``bulk``), plain Mitsuba 3 scenes
+(``export``), library galleries (``gallery``)."""
