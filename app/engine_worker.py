@@ -207,10 +207,15 @@ class EngineBackend:
                                "history": list(c.history), "iterations": c.iterations, "stopped": c.stopped,
                                "reference_tile": tile})
         best = [c.material_id for c in result.candidates].index(result.best.material_id)
+        # The honest side-by-side: the reference's working field and a render of the same pixel
+        # size and scale (None from an engine that does not make them).
+        fields = {k: (None if getattr(result, k, None) is None else to_uint8(getattr(result, k)))
+                  for k in ("reference_field", "render_field")}
         return {"candidates": candidates, "best": best, "preview": to_uint8(result.preview),
                 "recipe": result.recipe.to_dict(),
                 "render": dict(result.recipe.render), "seed": PREVIEW_SEED,
-                "summary": result.summary(), "autosaved": autosaved, "autosave_error": autosave_error}
+                "summary": result.summary(), "autosaved": autosaved, "autosave_error": autosave_error,
+                **fields}
 
     def op_render(self, req: dict, emit, cancel) -> dict:
         t0 = time.perf_counter()

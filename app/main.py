@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="fit time budget in seconds (this run only)")
     p.add_argument("--iterations", type=int, help="refinement iterations per candidate (this run only)")
     p.add_argument("--materials", help="comma-separated material ids to restrict the fit to")
+    p.add_argument("--imaging", choices=("auto", "sem", "tem", "optical"),
+                   help="the instrument (this run only): sem, tem or optical restrict the candidates")
+    p.add_argument("--pixel-size", type=float, metavar="NM", help="pixel size of the image in nm (this run only)")
     return p
 
 
@@ -70,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("budget_s", args.budget), ("iterations", args.iterations)) if v is not None}
     if args.materials:
         overrides["materials"] = [m.strip() for m in args.materials.split(",") if m.strip()]
+    if args.imaging:
+        overrides["imaging"] = args.imaging
     window.set_fit_options(**overrides)
+    if args.pixel_size is not None:
+        # after the image's own pixel size has filled the field (connected after the window's slot)
+        window.model.referenceChanged.connect(lambda: window.set_fit_options(pixel_size_nm=args.pixel_size))
     window.show()
     exit_code = 0
 

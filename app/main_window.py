@@ -11,14 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QPushButton, QSpinBox, QSplitter, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtCore import QObject, QRegularExpression, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence, QRegularExpressionValidator
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QMainWindow,
+                               QMessageBox, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QSplitter,
+                               QToolButton, QVBoxLayout, QWidget)
 
 from . import state
 from .engine import EngineClient, EngineError
-from .model import DEFAULT_FIT_OPTIONS, AppModel
+from .model import DEFAULT_FIT_OPTIONS, IMAGING_CHOICES, AppModel
 from .qtfix import protect_singletons
 from .widgets.banner import Banner
 from .widgets.bulk_preview import BulkPreviewDialog
@@ -27,12 +28,43 @@ from .widgets.image_view import ImageView, ReferenceView, link_views
 from .widgets.loss_plot import LossPlot
 from .widgets.params import ParameterPanel
 from .widgets.settings_dialog import SettingsDialog
+from .widgets.size_plot import SizePanel
 
 IMAGE_FILTER = "Micrographs (*.png *.tif *.tiff *.jpg *.jpeg *.bmp *.webp);;All files (*)"
 RECIPE_FILTER = "matfit recipes (*.json);;All files (*)"
 RENDER_DEBOUNCE_MS = 150
 SETTINGS_KEYS = ("budget_s", "iterations", "size", "backbone")   # persisted FitOptions fields
 NO_EXPORT_TIP = "This matfit cannot export Mitsuba scenes yet (fitting.output.export.export_mitsuba_scene is missing)."
+IMAGING_LABELS = {"auto": "Auto", "sem": "SEM", "tem": "TEM", "optical": "Optical"}
+IMAGING_TIP = ("The instrument that made the micrograph. Auto: the file's tags, else the image's own cues "
+               "(the decision is shown beside this box after the fit has measured the particles). "
+               "SEM, TEM or Optical: only that instrument's materials are candidates.")
+PIXEL_SIZE_TIP = ("Pixel size of the micrograph in nanometres, for particle sizes in nm. Filled in from the "
+                  "file's tags when it has them; empty = unknown (sizes in pixels).")
+DECISION_WIDTH = 250   # two short lines beside the instrument box (the tooltip has the whole reason)
+NOTHING_GAINED = "refinement gained nothing: the initial guess is the result"
+
+
+def imaging_decision_text(choice: str, imaging: dict | None, short: bool = False) -> str:
+    """'Auto → TEM/OPTICAL: particles darker than a light background (bright-field transmission)',
+    or the user's choice ('TEM chosen by the user'); ``short`` drops a closing parenthesis."""
+    if not imaging:
+        return ""
+    reason = str(imaging.get("reason") or "/".join(k.upper() for k in imaging.get("kinds") or []))
+    if short and reason.endswith(")") and " (" in reason:
+        reason = reason[:reason.rindex(" (")]
+    if imaging.get("cue") == "user":
+        return reason
+    return f"{IMAGING_LABELS.get(choice, choice)} → {reason}"
+
+
+def parse_pixel_size(text: str) -> float | None:
+    """The pixel size field's value: a positive number of nm (comma or point), else None."""
+    try:
+        v = float(text.strip().replace(",", "."))
+    except ValueError:
+        return None
+    return v if v > 0 else None
 
 
 def _label(text: str, muted: bool = False) -> QLabel:
@@ -88,6 +120,7 @@ class MainWindow(QMainWindow):
         self.model = AppModel(self)
         self.user_settings = self._load_user_settings()
         self.model.fit_options.update({k: self.user_settings[k] for k in SETTINGS_KEYS})
+        self.model.set_imaging(self.user_settings["imaging"])
         self._owns_engine = engine is None   # a shared engine outlives this window
         self.engine = engine or EngineClient(self, device=self.user_settings["device"])
         self._loader = _ReferenceLoader(self)
@@ -102,6 +135,7 @@ class MainWindow(QMainWindow):
         self._render_timer.timeout.connect(self._render_preview)
         self._eta_timer = QTimer(self, interval=1000)
         self._eta_timer.timeout.connect(self._show_progress)
+        self._shown_pair: tuple = (None, None)   # the arrays in the comparison views
 
         self._build_actions()
         self._build_ui()
@@ -137,6 +171,10 @@ class MainWindow(QMainWindow):
                                           tip="Write the recipe as a Mitsuba scene folder")
         self.bulk_action = action("Preview bulk rendering…", self.show_bulk_preview,
                                   tip="Render the recipe with new particle layouts, with instance outlines")
+        # Shorter words on the toolbar (the menus keep the full ones): the instrument controls
+        # need the room.
+        self.export_scene_action.setIconText("Export scene…")
+        self.bulk_action.setIconText("Bulk preview…")
         self.settings_action = action("Settings…", self.show_settings, QKeySequence.StandardKey.Preferences,
                                       "Time budget, quality, CPU or GPU, descriptor backbone")
         self.quit_action = action("Quit", self.close, QKeySequence.StandardKey.Quit)
@@ -180,6 +218,36 @@ class MainWindow(QMainWindow):
         tb.addWidget(self.fit_button)
         tb.addAction(self.cancel_action)
         tb.addSeparator()
+        # The instrument (one click) and the pixel size: what the fit is told about the micrograph.
+        self.imaging_combo = QComboBox()
+        self.imaging_combo.setObjectName("imagingCombo")
+        for key in IMAGING_CHOICES:
+            self.imaging_combo.addItem(IMAGING_LABELS[key], key)
+        self.imaging_combo.setCurrentIndex(max(0, self.imaging_combo.findData(self.model.fit_options["imaging"])))
+        self.imaging_combo.setToolTip(IMAGING_TIP)
+        self.imaging_combo.currentIndexChanged.connect(
+            lambda _i: self.model.set_imaging(self.imaging_combo.currentData()))
+        self.imaging_combo.activated.connect(lambda _i: self._save_imaging())   # a user's choice is kept
+        self.imaging_label = QLabel("")
+        self.imaging_label.setObjectName("imagingDecision")
+        self.imaging_label.setStyleSheet("color: #a8c8e8; font-size: 11px; padding-left: 4px;")
+        self.imaging_label.setWordWrap(True)
+        self.imaging_label.setFixedWidth(DECISION_WIDTH)
+        self.pixel_size_edit = QLineEdit()
+        self.pixel_size_edit.setObjectName("pixelSize")
+        self.pixel_size_edit.setPlaceholderText("unknown")
+        self.pixel_size_edit.setFixedWidth(72)
+        self.pixel_size_edit.setToolTip(PIXEL_SIZE_TIP)
+        self.pixel_size_edit.setValidator(QRegularExpressionValidator(
+            QRegularExpression(r"^\s*\d{0,7}([.,]\d{0,7})?\s*$"), self.pixel_size_edit))
+        self.pixel_size_edit.textChanged.connect(lambda text: self.model.set_pixel_size(parse_pixel_size(text)))
+        tb.addWidget(_label("  Instrument ", muted=True))
+        tb.addWidget(self.imaging_combo)
+        tb.addWidget(self.imaging_label)
+        tb.addWidget(_label(" Pixel size ", muted=True))
+        tb.addWidget(self.pixel_size_edit)
+        tb.addWidget(_label(" nm ", muted=True))
+        tb.addSeparator()
         tb.addAction(self.export_recipe_action)
         tb.addAction(self.export_scene_action)
         tb.addAction(self.bulk_action)
@@ -208,13 +276,23 @@ class MainWindow(QMainWindow):
         self.reference_info = QLabel("")
         self.reference_info.setWordWrap(True)
         self.reference_info.setStyleSheet("color: #a0a0a6;")
+        self.show_outline_check = QCheckBox("Show measured particles")
+        self.show_outline_check.setChecked(True)
+        self.show_outline_check.setEnabled(False)
+        self.show_outline_check.setToolTip("Outline (red) the particles the fit measured on the reference")
+        self.show_outline_check.toggled.connect(self.reference_view.set_outline_visible)
+        self.size_panel = SizePanel()
+        self.size_panel.setMinimumHeight(170)
         left = QWidget()
         lv = QVBoxLayout(left)
         lv.setContentsMargins(6, 6, 6, 6)
         lv.addWidget(_label("Reference"))
-        lv.addWidget(self.reference_view, 1)
+        lv.addWidget(self.reference_view, 3)
         lv.addLayout(roi_row)
         lv.addWidget(self.reference_info)
+        lv.addWidget(self.show_outline_check)
+        lv.addWidget(_label("Particle sizes"))
+        lv.addWidget(self.size_panel, 1)
 
         # --- middle: reference tile and render, linked; candidates and loss below
         self.tile_view = ImageView("The reference at the candidate's working scale appears here during a fit")
@@ -222,6 +300,9 @@ class MainWindow(QMainWindow):
         link_views(self.tile_view, self.render_view)
         self.tile_title = _label("Reference (working scale)")
         self.render_title = _label("Render")
+        for title in (self.tile_title, self.render_title):
+            # long material ids must never widen the window
+            title.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         pair = QHBoxLayout()
         for title, view in ((self.tile_title, self.tile_view), (self.render_title, self.render_view)):
             col = QVBoxLayout()
@@ -288,10 +369,13 @@ class MainWindow(QMainWindow):
         m.candidatesChanged.connect(self._show_candidates)
         m.lossAppended.connect(self._loss_appended)
         m.candidatesReset.connect(self._reset_loss_plot)
-        m.previewChanged.connect(lambda: self.render_view.set_image(m.preview))
-        m.referenceTileChanged.connect(lambda: self.tile_view.set_image(m.reference_tile))
+        m.previewChanged.connect(self._show_comparison)
+        m.referenceTileChanged.connect(self._show_comparison)
+        m.fieldsChanged.connect(self._show_comparison)
+        m.measurementChanged.connect(self._show_measurement)
+        m.sizesChanged.connect(self._show_sizes)
         m.documentChanged.connect(self._document_changed)
-        m.parameterEdited.connect(lambda _i: self._schedule_render())
+        m.parameterEdited.connect(lambda _i: (self._show_comparison(), self._schedule_render()))
         m.logMessage.connect(self.stage_label.setText)
         self.reference_view.roiDrawn.connect(m.set_roi)
         self.candidate_strip.candidateClicked.connect(self._candidate_clicked)
@@ -310,11 +394,33 @@ class MainWindow(QMainWindow):
         values["size"] = int(values["size"] or DEFAULT_FIT_OPTIONS["size"])
         values["backbone"] = str(values["backbone"] or "vgg16-hed")
         values["device"] = str(s.value("engine/device", "auto"))
+        imaging = str(s.value("fit/imaging", "auto") or "auto").lower()
+        values["imaging"] = imaging if imaging in IMAGING_CHOICES else "auto"
         return values
 
+    def _save_imaging(self) -> None:
+        key = self.imaging_combo.currentData()
+        s = state.settings()
+        s.setValue("fit/imaging", key)
+        s.sync()
+        self.user_settings["imaging"] = key
+
     def set_fit_options(self, **options) -> None:
-        """Override FitOptions fields for the next fits (tests, `matfit-gui --fit`); not saved."""
+        """Override FitOptions fields for the next fits (tests, `matfit-gui --fit`); not saved.
+        ``imaging`` and ``pixel_size_nm`` also set their controls."""
+        imaging = options.pop("imaging", None)
+        pixel = options.pop("pixel_size_nm", ...)
         self.model.fit_options.update(options)
+        if imaging is not None:
+            self.model.set_imaging(imaging)   # validates
+            self.imaging_combo.setCurrentIndex(self.imaging_combo.findData(self.model.fit_options["imaging"]))
+        if pixel is not ...:
+            self.pixel_size_edit.setText("" if pixel is None else f"{float(pixel):g}")
+            self.model.fit_options["pixel_size_nm"] = None if pixel is None else float(pixel)
+
+    def fit_request_options(self) -> dict:
+        """The options the next fit sends to the engine (FitOptions fields)."""
+        return dict(self.model.fit_options)
 
     def show_settings(self) -> None:
         dialog = SettingsDialog({**self.user_settings, **self.model.fit_options},
@@ -373,6 +479,8 @@ class MainWindow(QMainWindow):
         info = [f"{ref.name} — {w} × {h} px, {ref.bit_depth}-bit {ref.mode}"]
         if ref.pixel_size_nm:
             info.append(f"pixel size {ref.pixel_size_nm:.3g} nm")
+        # The file's pixel size (if it has one) in the field, where the user can correct it.
+        self.pixel_size_edit.setText(f"{ref.pixel_size_nm:g}" if ref.pixel_size_nm else "")
         info.extend(ref.notes)
         self.reference_info.setText("\n".join(info))
         self.setWindowTitle(f"matfit — {ref.name}")
@@ -404,7 +512,7 @@ class MainWindow(QMainWindow):
         self._render_timer.stop()
         m.begin_fit()
         self.loss_plot.clear()
-        payload = {"path": m.reference.path, "crop": m.crop_for_engine(), "options": dict(m.fit_options),
+        payload = {"path": m.reference.path, "crop": m.crop_for_engine(), "options": self.fit_request_options(),
                    "autosave": str(state.autosave_path())}
         self._fit_request = self.engine.submit("fit", payload, on_event=m.apply_event,
                                                on_result=self._fit_finished, on_error=self._fit_failed,
@@ -430,6 +538,8 @@ class MainWindow(QMainWindow):
         text = f"Fit finished: {summary.get('best', '?')}"
         if metrics.get("distance_final") is not None:
             text += f", distance {metrics['distance_initial']:.3f} → {metrics['distance_final']:.3f}"
+        if metrics.get("refinement_gained") is False:
+            text += f"; {NOTHING_GAINED}"
         if result.get("autosaved"):
             text += f". Recipe autosaved to {result['autosaved']}"
         if result.get("autosave_error"):
@@ -458,7 +568,8 @@ class MainWindow(QMainWindow):
     def _show_progress(self) -> None:
         p = self.model.progress
         self.progress_bar.setValue(int(round(1000 * p.progress)))
-        stage = {"start": "Starting", "load": "Loading", "describe": "Describing", "rank": "Ranking",
+        stage = {"start": "Starting", "load": "Loading", "measure": "Measuring", "describe": "Describing",
+                 "rank": "Ranking",
                  "screen": "Screening", "refine": "Refining", "export": "Finishing"}.get(p.stage, p.stage.capitalize())
         if p.state == "running":
             self.stage_label.setText(f"{stage}: {p.message}" if p.message else stage)
@@ -472,15 +583,64 @@ class MainWindow(QMainWindow):
         self.candidate_strip.show_candidates(m.candidates, active, selectable=not m.fitting)
         self.loss_plot.highlight = active
         self.loss_plot.update()
-        if m.fitting and active is not None and active < len(m.candidates):
-            self.render_title.setText(f"Render — refining {m.candidates[active].material_id}")
-        elif m.has_document:
-            self.render_title.setText(f"Render — {m.material.id}")
+        self._show_titles()
+
+    def _show_titles(self) -> None:
+        m = self.model
+        active = m.progress.refining if m.fitting else m.selected
         if m.fitting:
             scale = m.candidates[active].scale if active is not None and active < len(m.candidates) else None
         else:
             scale = m.working_scale if m.has_document else None
+        if m.fields_shown:
+            h, w = m.reference_field.shape[:2]
+            self.tile_title.setText(f"Reference — {w} × {h} px field")
+            self.render_title.setText(f"Render, same scale — {m.material.id}")
+            tip = (f"The reference at the fit's working scale (longer side {scale} px; its central window when "
+                   f"larger) beside a render of the same field, pixel size and scale: particles measure the same "
+                   f"in pixels on both.")
+            self.tile_title.setToolTip(tip)
+            self.render_title.setToolTip(tip)
+            return
+        for title in (self.tile_title, self.render_title):
+            title.setToolTip("")
+        if m.fitting and active is not None and active < len(m.candidates):
+            self.render_title.setText(f"Render — refining {m.candidates[active].material_id}")
+        elif m.has_document:
+            self.render_title.setText(f"Render — {m.material.id}" + (" (edited)" if m.edited else ""))
         self.tile_title.setText(f"Reference (working scale {scale} px)" if scale else "Reference (working scale)")
+
+    def _show_comparison(self) -> None:
+        """The side-by-side: the result's same-scale whole fields, else the tile and the preview."""
+        left, right = self.model.comparison()
+        if left is not self._shown_pair[0]:
+            self.tile_view.set_image(left)
+        if right is not self._shown_pair[1]:
+            self.render_view.set_image(right)
+        self._shown_pair = (left, right)
+        self._show_titles()
+
+    def _show_measurement(self) -> None:
+        m = self.model
+        o = m.outline
+        if o is None:
+            self.reference_view.set_outline(None)
+        else:
+            self.reference_view.set_outline(o.image, o.step, o.offset)
+        self.show_outline_check.setEnabled(o is not None)
+        text = imaging_decision_text(m.imaging_choice, m.imaging)
+        # at most two lines: elide to twice the width
+        self.imaging_label.setText(self.imaging_label.fontMetrics().elidedText(
+            imaging_decision_text(m.imaging_choice, m.imaging, short=True), Qt.TextElideMode.ElideRight,
+            2 * (DECISION_WIDTH - 8) - 40))
+        self.imaging_label.setToolTip(text + (f"\n(decided by: {m.imaging.get('cue')}; candidate kinds: "
+                                              f"{', '.join(m.imaging.get('kinds') or [])})" if m.imaging else ""))
+
+    def _show_sizes(self) -> None:
+        m = self.model
+        self.size_panel.show_sizes(m.measured_sizes, m.fitted_sizes)
+        if m.refinement_gained is False and m.fitted_sizes is not None:
+            self.size_panel.fitted_label.setText(self.size_panel.fitted_label.text() + f" ({NOTHING_GAINED})")
 
     def _reset_loss_plot(self) -> None:
         m = self.model
@@ -503,6 +663,7 @@ class MainWindow(QMainWindow):
         return self._shown_key is not None and self._shown_key == self._document_key()
 
     def _document_changed(self) -> None:
+        self._show_comparison()   # a reset brings the result's fields back
         self._show_candidates()
         self._update_actions()
         if self._document_key() != self._shown_key:
@@ -713,6 +874,8 @@ class MainWindow(QMainWindow):
                                             else NO_EXPORT_TIP)
         for w in self.roi_spins:
             w.setEnabled(m.reference is not None and not fitting)
+        self.imaging_combo.setEnabled(not fitting)
+        self.pixel_size_edit.setEnabled(not fitting)
         self.roi_reset.setEnabled(m.reference is not None and not fitting and m.crop_for_engine() is not None)
 
     def _fit_all_views(self) -> None:

@@ -1,11 +1,14 @@
 """The window's state, separate from its widgets: widgets render it and call its methods.
 
 Holds the reference and its region of interest, the fit's progress, the candidates (with the
-loss history and the live preview), the material and parameter vector shown, and the fit
-options. Engine replies and FitEvents are applied here; every change is announced by a signal.
+loss history and the live preview), the material and parameter vector shown, the fit options,
+the fit's instrument decision, the measured particles (outlines and size distribution) and the
+same-scale reference/render fields of the result. Engine replies and FitEvents are applied here;
+every change is announced by a signal.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +23,10 @@ Box = tuple[int, int, int, int]   # x0, y0, x1, y1 (end exclusive), full-image p
 
 # Options the window uses unless the settings (or a test) say otherwise. preview_every=1: the
 # live render is the point of watching a fit, and a preview costs the engine only a copy.
-DEFAULT_FIT_OPTIONS: dict = {"budget_s": 120.0, "iterations": 60, "size": 256, "preview_every": 1}
+DEFAULT_FIT_OPTIONS: dict = {"budget_s": 120.0, "iterations": 60, "size": 256, "preview_every": 1,
+                             "imaging": "auto", "pixel_size_nm": None}
+# FitOptions.imaging (fitting.measure.instrument.IMAGING_CHOICES, not imported: it loads scipy).
+IMAGING_CHOICES = ("auto", "sem", "tem", "optical")
 
 
 # The engine's own spec class: the window maps normalised values to physical ones exactly as
@@ -65,6 +71,53 @@ class Candidate:
     x_final: np.ndarray | None = None
 
 
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass
+class SizeStats:
+    """One particle population of the size panel, in reference pixels (nm when the pixel size is known)."""
+    count: int
+    gmean: float | None            # geometric mean diameter, reference px
+    gsd: float | None
+    coverage: float | None
+    diameters: list[float]         # reference px
+    pixel_size_nm: float | None = None
+
+    @property
+    def gmean_nm(self) -> float | None:
+        return None if self.gmean is None or not self.pixel_size_nm else self.gmean * self.pixel_size_nm
+
+    @classmethod
+    def from_measurement(cls, d: dict, pixel_size_nm: float | None = None) -> "SizeStats":
+        """From the measurement event's ``measured`` (``diameter_px`` {median, gmean, gsd}, ``diameters_px``)."""
+        dp = d.get("diameter_px") or {}
+        return cls(count=int(d.get("count") or 0), gmean=_num(dp.get("gmean")), gsd=_num(dp.get("gsd")),
+                   coverage=_num(d.get("coverage")), diameters=[float(v) for v in d.get("diameters_px") or []],
+                   pixel_size_nm=_num(pixel_size_nm))
+
+    @classmethod
+    def from_summary(cls, d: dict) -> "SizeStats":
+        """From a fit summary's (or recipe's) ``measured`` / ``fitted`` dict."""
+        return cls(count=int(d.get("count") or 0), gmean=_num(d.get("gmean")), gsd=_num(d.get("gsd")),
+                   coverage=_num(d.get("coverage")), diameters=[float(v) for v in d.get("diameters") or []],
+                   pixel_size_nm=_num(d.get("pixel_size_nm")))
+
+
+@dataclass
+class Outline:
+    """The measured particles' outlines over the reference: ``image`` (uint8, non-zero = outline)
+    pixel (r, c) is reference pixel (offset_y + r * step, offset_x + c * step)."""
+    image: np.ndarray
+    step: int
+    offset: tuple[int, int]   # x0, y0 of the fitting region
+
+
 @dataclass
 class FitProgress:
     state: str = "idle"        # idle, running, finished, failed, cancelled
@@ -89,6 +142,9 @@ class AppModel(QObject):
     documentChanged = Signal()               # material / parameter set replaced (rebuild panel)
     parameterEdited = Signal(int)            # one value changed by the user (index)
     logMessage = Signal(str)
+    measurementChanged = Signal()            # instrument decision and measured outlines
+    sizesChanged = Signal()                  # measured / fitted size distributions
+    fieldsChanged = Signal()                 # the result's same-scale reference and render fields
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -111,13 +167,57 @@ class AppModel(QObject):
         self.base_recipe: dict | None = None       # the fit's or the opened recipe (JSON dict)
         self.working_scale: int | None = None      # reference scale the document was fitted at
         self.fit_summary: dict | None = None
+        # Measurement and result views of the last fit.
+        self.imaging: dict | None = None           # the instrument decision {kind, kinds, cue, reason, ...}
+        self.imaging_choice: str = "auto"          # what that fit was asked for
+        self.outline: Outline | None = None        # measured particles, over the reference
+        self.measured_sizes: SizeStats | None = None
+        self.fitted_sizes: SizeStats | None = None
+        self.refinement_gained: bool | None = None
+        self.reference_field: np.ndarray | None = None   # uint8, the reference's working field
+        self.render_field: np.ndarray | None = None      # uint8, same shape, pixel size and scale
+        self.field_material: str | None = None           # the material render_field shows
+        self._fit_crop: Box | None = None
+        self._fit_pixel_size_nm: float | None = None
+        self._finished_data: dict = {}
 
     # ------------------------------------------------------------------ reference + ROI
     def set_reference(self, ref: ReferenceImage) -> None:
         self.reference = ref
         self.roi = tuple(int(v) for v in ref.crop_box)
+        # A typed pixel size was for the previous image; the new one's own (if any) is used.
+        self.fit_options["pixel_size_nm"] = None
+        # The measurement belongs to the previous image.
+        self.outline, self.measured_sizes, self.fitted_sizes, self.imaging = None, None, None, None
         self.referenceChanged.emit()
         self.roiChanged.emit()
+        self.measurementChanged.emit()
+        self.sizesChanged.emit()
+
+    # ------------------------------------------------------------------ instrument + pixel size
+    def set_imaging(self, choice: str) -> None:
+        """The instrument for the next fits: "auto", or "sem" / "tem" / "optical" (candidates of that kind only)."""
+        choice = (choice or "auto").lower()
+        if choice not in IMAGING_CHOICES:
+            raise ValueError(f"imaging must be one of {', '.join(IMAGING_CHOICES)}, got {choice!r}")
+        self.fit_options["imaging"] = choice
+
+    def set_pixel_size(self, nm: float | None) -> None:
+        """The pixel size the user typed (nm); None or 0 = unknown. The file's own value is left
+        to the file (None is sent, and the recipe records it as from the file's tags)."""
+        v = _num(nm)
+        v = v if v is not None and v > 0 else None
+        own = self.reference.pixel_size_nm if self.reference is not None else None
+        if v is not None and own and math.isclose(v, float(own), rel_tol=1e-3):
+            v = None
+        self.fit_options["pixel_size_nm"] = v
+
+    def pixel_size_nm(self) -> float | None:
+        """The pixel size the next fit uses: the typed one, else the file's, else None."""
+        typed = _num(self.fit_options.get("pixel_size_nm"))
+        if typed:
+            return typed
+        return _num(self.reference.pixel_size_nm) if self.reference is not None else None
 
     def set_roi(self, box: Box) -> None:
         """Clamp to the image and keep at least 16 px a side (what load_reference accepts)."""
@@ -148,18 +248,32 @@ class AppModel(QObject):
     def fitting(self) -> bool:
         return self.progress.state == "running"
 
+    _VIEW_STATE = ("candidates", "selected", "preview", "reference_tile", "imaging", "imaging_choice", "outline",
+                   "measured_sizes", "fitted_sizes", "refinement_gained", "reference_field", "render_field",
+                   "field_material")
+
     def begin_fit(self) -> None:
         # What the views showed, given back if this fit does not finish.
-        self._before_fit = (self.candidates, self.selected, self.preview, self.reference_tile)
+        self._before_fit = tuple(getattr(self, k) for k in self._VIEW_STATE)
         self.progress = FitProgress(state="running", stage="start", message="starting the engine",
                                     started_at=time.monotonic())
         self.candidates = []
         self.selected = None
         self.preview = None
         self.reference_tile = None
+        self.imaging_choice = str(self.fit_options.get("imaging") or "auto")
+        self.imaging = self.outline = self.measured_sizes = self.fitted_sizes = None
+        self.refinement_gained = None
+        self.reference_field = self.render_field = self.field_material = None
+        self._finished_data = {}
+        self._fit_crop = self.roi
+        self._fit_pixel_size_nm = self.pixel_size_nm()
         self.candidatesChanged.emit()
         self.previewChanged.emit()
         self.referenceTileChanged.emit()
+        self.measurementChanged.emit()
+        self.sizesChanged.emit()
+        self.fieldsChanged.emit()
         self.fitStateChanged.emit("running")
         self.progressChanged.emit()
 
@@ -171,11 +285,16 @@ class AppModel(QObject):
         if state == "finished":
             self.progress.progress = 1.0
         elif self._before_fit is not None:
-            self.candidates, self.selected, self.preview, self.reference_tile = self._before_fit
+            for k, v in zip(self._VIEW_STATE, self._before_fit):
+                setattr(self, k, v)
             self.candidatesChanged.emit()
             self.previewChanged.emit()
             self.referenceTileChanged.emit()
+            self.measurementChanged.emit()
+            self.sizesChanged.emit()
+            self.fieldsChanged.emit()
         self._before_fit = None
+        self._finished_data = {}
         self.progress.eta_s = None
         self.fitStateChanged.emit(state)
         self.progressChanged.emit()
@@ -229,8 +348,27 @@ class AppModel(QObject):
             self.preview = data["image"]
             self.previewChanged.emit()
         elif ev.kind == "log":
+            if "measured" in data or "imaging" in data:
+                self._apply_measurement(data)
             self.logMessage.emit(ev.message)
+        elif ev.kind == "finished":
+            self._finished_data = data   # the same-scale fields; the result follows
         self.progressChanged.emit()
+
+    def _apply_measurement(self, data: dict) -> None:
+        """The measurement event: the instrument decision, the outlines, the measured sizes."""
+        self.imaging = data.get("imaging") or self.imaging
+        measured = data.get("measured")
+        if measured:
+            outline = measured.get("outline")
+            if outline is not None and np.asarray(outline).ndim == 2:
+                crop = self._fit_crop or (0, 0, 0, 0)
+                self.outline = Outline(np.asarray(outline), max(1, int(measured.get("outline_step") or 1)),
+                                       (int(crop[0]), int(crop[1])))
+            self.measured_sizes = SizeStats.from_measurement(measured, self._fit_pixel_size_nm)
+            self.fitted_sizes = None
+        self.measurementChanged.emit()
+        self.sizesChanged.emit()
 
     def _set_refining(self, i: int) -> None:
         if i == self.progress.refining:
@@ -266,9 +404,51 @@ class AppModel(QObject):
         self.render_seed = int(result["seed"])
         self.document_source = "fit"
         self.base_recipe = result["recipe"]
-        best = (self.fit_summary or {}).get("best")
+        summary = self.fit_summary or {}
+        self._apply_result_views(result, summary)
+        best = summary.get("best")
         self.end_fit("finished", f"best: {best}" if best else "")
         self.select_candidate(int(result["best"]), preview=result.get("preview"))
+        self.measurementChanged.emit()
+        self.sizesChanged.emit()
+        self.fieldsChanged.emit()
+
+    def _apply_result_views(self, result: dict, summary: dict) -> None:
+        """Sizes, instrument and the same-scale fields of a finished fit (from its result, else
+        from its "finished" event)."""
+        fin = self._finished_data or {}
+        ref_field = result.get("reference_field")
+        ren_field = result.get("render_field")
+        if ref_field is None or ren_field is None:
+            ref_field, ren_field = fin.get("reference_field"), fin.get("render_field")
+        if ref_field is not None and ren_field is not None and np.shape(ref_field) == np.shape(ren_field):
+            self.reference_field, self.render_field = np.asarray(ref_field), np.asarray(ren_field)
+            self.field_material = summary.get("best")
+        else:
+            self.reference_field = self.render_field = self.field_material = None
+        self.imaging = summary.get("imaging") or self.imaging
+        if summary.get("measured"):
+            self.measured_sizes = SizeStats.from_summary(summary["measured"])
+        self.fitted_sizes = SizeStats.from_summary(summary["fitted"]) if summary.get("fitted") else None
+        self.refinement_gained = (summary.get("metrics") or {}).get("refinement_gained")
+        self._finished_data = {}
+
+    @property
+    def fields_shown(self) -> bool:
+        """Whether the comparison shows the result's whole fields (the fit's best, unedited)
+        rather than the reference tile and the (slider) preview."""
+        if self.reference_field is None or self.render_field is None or self.fitting:
+            return False
+        if self.selected is None or self.selected >= len(self.candidates):
+            return False
+        return self.candidates[self.selected].material_id == self.field_material and not self.edited
+
+    def comparison(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(reference, render) for the side-by-side: the same-scale whole fields of the result
+        when :attr:`fields_shown`, else the reference tile and the preview."""
+        if self.fields_shown:
+            return self.reference_field, self.render_field
+        return self.reference_tile, self.preview
 
     def select_candidate(self, i: int, preview: np.ndarray | None = None) -> None:
         c = self.candidates[i]
@@ -301,10 +481,21 @@ class AppModel(QObject):
         self.preview = result["image"]
         self.reference_tile = result.get("reference_tile")
         self.working_scale = result.get("working_scale")
+        self.reference_field = self.render_field = self.field_material = None
+        # The recipe's own record of its fit, when it has one: sizes and instrument.
+        fit = (self.base_recipe or {}).get("fit") or {}
+        if isinstance(fit, dict) and fit.get("measured"):
+            self.measured_sizes = SizeStats.from_summary(fit["measured"])
+            self.fitted_sizes = SizeStats.from_summary(fit["fitted"]) if fit.get("fitted") else None
+            self.refinement_gained = fit.get("refinement_gained")
+        else:   # the measured sizes (of the open reference) stay; the last fit's result does not
+            self.fitted_sizes, self.refinement_gained = None, None
         self.candidatesChanged.emit()
         self.referenceTileChanged.emit()
         self.documentChanged.emit()
         self.previewChanged.emit()
+        self.sizesChanged.emit()
+        self.fieldsChanged.emit()
 
     @property
     def has_document(self) -> bool:

@@ -21,10 +21,11 @@ _STATE_DIR = tempfile.mkdtemp(prefix="matfit-gui-test-")
 os.environ["MATFIT_GUI_STATE_DIR"] = _STATE_DIR
 
 import json  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtCore import QMimeData, QPoint, QPointF, QRectF, Qt, QTimer, QUrl  # noqa: E402
 from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
@@ -41,6 +42,9 @@ CARBON_BLACK = REFERENCE_DIR / "CarbonBlackSegmentation__20180529_A9_003.png"
 # A SHORT real fit: 3 materials, 3 iterations each, 128 px renders, two reference scales.
 FIT_OPTIONS = {"budget_s": 25.0, "iterations": 3, "size": 128, "scales": [256, 384],
                "materials": ["sem_faceted_crystals", "sem_sintered_agglomerates", "tem_carbon_black"]}
+# The instrument test's even shorter fit: with imaging "tem" only tem_carbon_black of the three is left.
+TEM_FIT_OPTIONS = {"budget_s": 15.0, "iterations": 2, "size": 128, "scales": [256],
+                   "materials": FIT_OPTIONS["materials"]}
 FIT_TIMEOUT_S = 150
 MAX_STALL_S = 0.100
 
@@ -309,6 +313,115 @@ def test_bulk_outline_overlay_colours_each_particle():
     assert not np.array_equal(rgb[1, 1], rgb[4, 4])               # one colour per particle
 
 
+def test_pixel_size_field_feeds_the_fit_options(qtbot, monkeypatch):
+    w = new_window(qtbot, start_engine=False)
+    w.load_reference_file(CARBON_BLACK)
+    qtbot.waitUntil(lambda: w.model.reference is not None, timeout=30_000)
+    assert w.model.reference.pixel_size_nm is None and w.pixel_size_edit.text() == ""
+    sent: list[dict] = []
+    monkeypatch.setattr(w.engine, "submit", lambda op, payload=None, **kw: sent.append(payload) or 1)
+
+    def fit_options_sent() -> dict:
+        w.start_fit()
+        w.cancel_fit()
+        return sent[-1]["options"]
+
+    QTest.keyClicks(w.pixel_size_edit, "2.5")                       # typed
+    assert w.model.fit_options["pixel_size_nm"] == 2.5
+    assert fit_options_sent()["pixel_size_nm"] == 2.5
+    w.pixel_size_edit.clear()                                       # empty = unknown
+    assert w.model.fit_options["pixel_size_nm"] is None
+    assert fit_options_sent()["pixel_size_nm"] is None
+    QTest.keyClicks(w.pixel_size_edit, "0")                         # 0 = unknown too
+    assert fit_options_sent()["pixel_size_nm"] is None
+    w.pixel_size_edit.setText("1,25")                               # a decimal comma
+    assert fit_options_sent()["pixel_size_nm"] == 1.25
+    assert fit_options_sent()["imaging"] == "auto"
+    w.imaging_combo.setCurrentIndex(w.imaging_combo.findData("optical"))
+    assert fit_options_sent()["imaging"] == "optical"
+
+
+def test_measurement_and_result_events_drive_overlay_sizes_and_fields(qtbot):
+    """Engine events as the pipeline sends them (no engine): the outline lands on the fitting
+    region (ROI offset, outline step), the size panel fills in two steps, the side-by-side
+    shows the same-scale fields until the parameters are edited, and a cancelled fit gives
+    the previous views back."""
+    from fitting.core.events import FitEvent
+    w = new_window(qtbot, start_engine=False)
+    m = w.model
+    w.load_reference_file(CARBON_BLACK)
+    qtbot.waitUntil(lambda: m.reference is not None, timeout=30_000)
+    m.set_roi((100, 60, 1700, 1260))
+    w.set_fit_options(pixel_size_nm=2.0)
+    m.begin_fit()
+    outline = np.zeros((300, 400), np.uint8)
+    outline[50, 60:80] = 255
+    measured = {"count": 3, "diameter_px": {"median": 20.0, "gmean": 18.0, "gsd": 1.3}, "coverage": 0.12,
+                "shape": {"class": "spherical"}, "polarity": "dark", "confidence": {"polarity": 1.0},
+                "diameters_px": [14.0, 18.0, 23.0], "outline": outline, "outline_step": 4}
+    imaging = {"kind": None, "kinds": ["tem", "optical"], "cue": "polarity", "confidence": 1.0,
+               "reason": "TEM/OPTICAL: particles darker than a light background (bright-field transmission)"}
+    m.apply_event(FitEvent("log", stage="measure", message="instrument: ...", data={"measured": measured,
+                                                                                   "imaging": imaging}))
+    view = w.reference_view
+    assert view.has_outline and view.outline_shown and w.show_outline_check.isEnabled()
+    assert view.outline_rect() == QRectF(100, 60, 1600, 1200)           # offset by the ROI, scaled by the step
+    assert w.imaging_label.text().startswith("Auto → TEM/OPTICAL: particles darker than a light background")
+    assert w.size_panel.measured_label.text() == (
+        "measured: 3 particles, geometric mean 18.0 px (= 36 nm), GSD 1.30, coverage 0.12")
+    assert not w.size_panel.fitted_label.isVisible()
+    w.show_outline_check.setChecked(False)
+    assert view.has_outline and not view.outline_shown
+    w.show_outline_check.setChecked(True)
+    assert view.outline_shown
+
+    ref_field = np.full((90, 120), 100, np.uint8)
+    render_field = np.full((90, 120), 150, np.uint8)
+    m.apply_event(FitEvent("finished", stage="export", progress=1.0, message="best: a",
+                           data={"reference_field": ref_field, "render_field": render_field}))
+    spec = {"name": "p", "group": "surface", "min": 0.0, "max": 1.0, "default": 0.5}
+    material = {"id": "a", "title": "A", "imaging": "tem", "geometry": "spheres", "specs": [spec]}
+    sizes = {"count": 3, "median": 20.0, "gmean": 18.0, "gsd": 1.3, "coverage": 0.12, "diameters": [14.0, 18.0, 23.0],
+             "pixel_size_nm": 2.0}
+    fitted = {**sizes, "count": 5, "gmean": 16.0, "gsd": 1.2, "coverage": 0.1,
+              "diameters": [12.0, 15.0, 16.0, 17.0, 21.0]}
+    result = {"candidates": [{"material": material, "scale": 256, "x_initial": np.array([0.5], np.float32),
+                              "x_final": np.array([0.5], np.float32), "distance_initial": 0.3,
+                              "distance_final": 0.3, "history": [0.3], "reference_tile": np.zeros((16, 16), np.uint8)}],
+              "best": 0, "preview": np.zeros((16, 16), np.uint8), "recipe": {}, "render": {"size": 16, "spp": 1},
+              "seed": 1, "summary": {"best": "a", "imaging": imaging, "measured": sizes, "fitted": fitted,
+                                     "metrics": {"distance_initial": 0.3, "distance_final": 0.3,
+                                                 "refinement_gained": False}}}
+    w._fit_finished(result)
+    assert m.fields_shown
+    assert w.tile_view.image_size == w.render_view.image_size == (120, 90)
+    assert w.tile_title.text() == "Reference — 120 × 90 px field"
+    assert w.render_title.text() == "Render, same scale — a"
+    assert w.size_panel.fitted_label.text().startswith(
+        "fitted: 5 particles, geometric mean 16.0 px (= 32 nm), GSD 1.20, coverage 0.10")
+    assert "refinement gained nothing: the initial guess is the result" in w.stage_label.text()
+    edges, shares_measured, shares_fitted = w.size_panel.histogram.shares()
+    assert np.all(np.diff(np.log(edges)) == pytest.approx(np.log(edges[1] / edges[0])))   # log-spaced
+    assert shares_measured.sum() == pytest.approx(1.0) and shares_fitted.sum() == pytest.approx(1.0)
+    assert w.size_panel.histogram.unit == "nm"
+    # an edit: the fields no longer show the parameters; the tile and the preview do
+    m.set_parameter(0, 0.9)
+    assert not m.fields_shown and w.tile_view.image_size == (16, 16)
+    m.reset_parameters()
+    w._render_timer.stop()      # no engine here: nothing to re-render
+    assert m.fields_shown and w.tile_view.image_size == (120, 90)
+    # a cancelled fit gives back what was shown
+    m.begin_fit()
+    assert not view.has_outline and not m.fields_shown
+    m.end_fit("cancelled")
+    assert view.has_outline and m.fields_shown and w.tile_view.image_size == (120, 90)
+    assert w.size_panel.fitted_label.text().startswith("fitted: 5 particles")
+    # a new reference drops the measurement
+    w.load_reference_file(LICOVO4)
+    qtbot.waitUntil(lambda: m.reference.name == LICOVO4.name, timeout=30_000)
+    assert not view.has_outline and not w.show_outline_check.isEnabled() and w.imaging_label.text() == ""
+
+
 # ---------------------------------------------------------------------------------- with the fit
 def test_fit_runs_to_the_end_with_live_candidates_and_previews(window, fitted, dialogs):
     m = window.model
@@ -321,7 +434,9 @@ def test_fit_runs_to_the_end_with_live_candidates_and_previews(window, fitted, d
     assert all(c.x_final is not None and c.distance_final is not None for c in m.candidates)
     assert [len(s) for s in window.loss_plot.series()] == [len(c.losses) for c in m.candidates]
     assert window.tile_view.has_image and window.render_view.has_image
-    assert window.tile_view.image_size == window.render_view.image_size == (128, 128)
+    # the side-by-side shows the result's whole fields, same shape (same pixel scale), not the 128 px tile
+    h, w = m.reference_field.shape
+    assert window.tile_view.image_size == window.render_view.image_size == (w, h)
     assert window.preview_is_current()
     # The parameter panel: grouped, one slider per parameter, at the fitted values.
     panel = window.parameter_panel
@@ -332,6 +447,40 @@ def test_fit_runs_to_the_end_with_live_candidates_and_previews(window, fitted, d
         assert panel.sliders[spec.name].value() == round(float(m.x_fitted[i]) * 1000)
     assert window.export_recipe_action.isEnabled() and window.bulk_action.isEnabled()
     assert window.cancel_action.isEnabled() is False and window.fit_action.isEnabled()
+
+
+def test_fit_shows_measured_particles_sizes_and_same_scale_fields(window, fitted):
+    m = window.model
+    view = window.reference_view
+    # the measured particles, outlined on the reference's fitting region, toggled by the checkbox
+    assert view.has_outline and view.outline_shown and window.show_outline_check.isChecked()
+    x0, y0, x1, y1 = m.roi
+    r = view.outline_rect()
+    assert (r.left(), r.top()) == (x0, y0) and r.right() <= x1 + m.outline.step and r.bottom() <= y1 + m.outline.step
+    assert (m.outline.image > 0).any()
+    window.show_outline_check.click()
+    assert not view.outline_shown and not window.show_outline_check.isChecked()
+    window.show_outline_check.click()
+    assert view.outline_shown
+    # the instrument decision beside the control
+    assert window.imaging_label.text().startswith("Auto → ") and m.imaging and m.imaging.get("reason")
+    # the size distribution: measured and fitted, with numbers
+    number = r"(\d+) particles, geometric mean [\d.]+ px(?: \(= [\d.]+ nm\))?, GSD [\d.]+, coverage [\d.]+"
+    measured_line = window.size_panel.measured_label.text()
+    fitted_line = window.size_panel.fitted_label.text()
+    assert re.match("measured: " + number, measured_line), measured_line
+    assert re.match("fitted: " + number, fitted_line), fitted_line
+    assert m.measured_sizes.diameters and m.fitted_sizes.diameters
+    assert window.size_panel.histogram.measured and window.size_panel.histogram.fitted
+    # the side-by-side: the reference's working field and a render of the same pixel scale
+    assert m.fields_shown and m.reference_field.shape == m.render_field.shape
+    h, w = m.render_field.shape
+    assert window.tile_view.image_size == window.render_view.image_size == (w, h)
+    assert window.render_title.text().startswith("Render, same scale — ")
+    assert f"{w} × {h} px field" in window.tile_title.text()
+    assert window.minimumSizeHint().width() <= 1400          # the new controls never widen the window
+    if (m.fit_summary or {}).get("metrics", {}).get("refinement_gained") is False:
+        assert "refinement gained nothing" in window.stage_label.text()
 
 
 def test_event_loop_never_stalls_during_the_fit(fitted):
@@ -447,6 +596,35 @@ def test_autosave_is_offered_at_next_start(window, fitted, qtbot):
     assert len(second.parameter_panel.sliders) == len(saved["parameters"])
     second.close()
     assert window.engine.running                          # the shared engine outlives the window
+
+
+def test_instrument_choice_restricts_the_candidates(window, fitted, qtbot, monkeypatch):
+    """Instrument TEM: only TEM materials are candidates (a second window on the warm engine)."""
+    second = new_window(qtbot, engine=window.engine)
+    m = second.model
+    try:
+        second.imaging_combo.setCurrentIndex(second.imaging_combo.findData("tem"))
+        assert m.fit_options["imaging"] == "tem"
+        second.load_reference_file(CARBON_BLACK)
+        qtbot.waitUntil(lambda: m.reference is not None, timeout=30_000)
+        second.set_fit_options(**TEM_FIT_OPTIONS)
+        sent: list[tuple[str, dict]] = []
+        submit = second.engine.submit
+        monkeypatch.setattr(second.engine, "submit",
+                            lambda op, payload=None, **kw: sent.append((op, payload)) or submit(op, payload, **kw))
+        second.fit_button.click()
+        qtbot.waitUntil(lambda: m.progress.state != "running", timeout=FIT_TIMEOUT_S * 1000)
+        assert m.progress.state == "finished", m.progress.message
+        fit_payload = next(p for op, p in sent if op == "fit")
+        assert fit_payload["options"]["imaging"] == "tem"
+        assert m.base_recipe["fit"]["options"]["imaging"] == "tem"      # what the engine used
+        shown = [c.material_id for c in m.candidates]
+        assert shown and all(k.startswith("tem_") for k in shown), shown
+        assert len(second.candidate_strip.cards) == len(shown)
+        assert all(card.title.toolTip().startswith("tem_") for card in second.candidate_strip.cards)
+        assert second.imaging_label.text().startswith("TEM")
+    finally:
+        second.close()
 
 
 def test_cancel_stops_within_a_second_and_leaves_the_window_usable(window, fitted, qtbot):

@@ -15,6 +15,23 @@ from .qimage import to_pixmap
 
 MAX_DISPLAY_SIDE = 4096   # larger references are shown downsampled (the fit uses every pixel)
 ZOOM_STEP = 1.25
+OUTLINE_RGBA = (255, 60, 60, 235)   # the measured particles' outlines on the reference
+
+
+def outline_rgba(outline: np.ndarray, pool: int = 1) -> np.ndarray:
+    """An outline picture (non-zero = outline) as red on transparent, max-pooled by ``pool``
+    first so that one-pixel lines survive a zoomed-out view (a pooled pixel is drawn at least
+    one screen pixel wide)."""
+    o = np.asarray(outline) > 0
+    if pool > 1:
+        h, w = o.shape
+        hp, wp = -(-h // pool) * pool, -(-w // pool) * pool
+        padded = np.zeros((hp, wp), bool)
+        padded[:h, :w] = o
+        o = padded.reshape(hp // pool, pool, wp // pool, pool).any(axis=(1, 3))
+    rgba = np.zeros(o.shape + (4,), np.uint8)
+    rgba[o] = OUTLINE_RGBA
+    return rgba
 
 
 class ImageView(QGraphicsView):
@@ -184,6 +201,18 @@ class ReferenceView(ImageView):
             item.setVisible(False)
             item.setZValue(10)
             self.scene().addItem(item)
+        # The measured particles' outlines: a picture of the fitting region, possibly at a coarser
+        # step; rebuilt (max-pooled) when the zoom changes so that the lines stay visible.
+        self._outline_item = QGraphicsPixmapItem()
+        self._outline_item.setTransformationMode(Qt.TransformationMode.FastTransformation)
+        self._outline_item.setZValue(5)
+        self._outline_item.setVisible(False)
+        self.scene().addItem(self._outline_item)
+        self._outline: np.ndarray | None = None
+        self._outline_step = 1
+        self._outline_pool = 0          # pooling of the pixmap now in the item (0 = none built)
+        self._outline_wanted = True
+        self.viewChanged.connect(self._refresh_outline)
         self._drag_origin: QPointF | None = None
         self.setToolTip("Wheel: zoom · drag: pan · double-click: fit · Shift+drag: draw the region to fit")
 
@@ -205,6 +234,49 @@ class ReferenceView(ImageView):
             x0, y0, x1, y1 = roi
             self._roi_item.setRect(QRectF(x0, y0, x1 - x0, y1 - y0))
             self._roi_item.setVisible(True)
+
+    # Measured particles -----------------------------------------------------------------
+    def set_outline(self, outline: np.ndarray | None, step: int = 1, offset: tuple[int, int] = (0, 0)) -> None:
+        """Outline picture of the fitting region (non-zero = a measured particle's outline);
+        outline pixel (r, c) is image pixel (offset_y + r * step, offset_x + c * step).
+        None removes it."""
+        self._outline = None if outline is None else np.asarray(outline)
+        self._outline_step = max(1, int(step))
+        self._outline_pool = 0
+        self._outline_item.setPos(float(offset[0]), float(offset[1]))
+        self._refresh_outline()
+
+    def set_outline_visible(self, visible: bool) -> None:
+        self._outline_wanted = bool(visible)
+        self._refresh_outline()
+
+    @property
+    def has_outline(self) -> bool:
+        return self._outline is not None
+
+    @property
+    def outline_shown(self) -> bool:
+        return self._outline_item.isVisible()
+
+    def outline_rect(self) -> QRectF | None:
+        """The overlay's extent in image pixels (None without an outline)."""
+        if self._outline is None:
+            return None
+        h, w = self._outline.shape[:2]
+        p = self._outline_item.pos()
+        return QRectF(p.x(), p.y(), w * self._outline_step, h * self._outline_step)
+
+    def _refresh_outline(self) -> None:
+        if self._outline is None or not self.has_image or not self._outline_wanted:
+            self._outline_item.setVisible(False)
+            return
+        per_px = self.zoom_factor() * self._outline_step        # screen px per outline px
+        pool = max(1, int(np.ceil(1.0 / per_px - 1e-6))) if per_px > 0 else 1
+        if pool != self._outline_pool:
+            self._outline_item.setPixmap(to_pixmap(outline_rgba(self._outline, pool)))
+            self._outline_item.setScale(self._outline_step * pool)
+            self._outline_pool = pool
+        self._outline_item.setVisible(True)
 
     def roi_rect(self) -> QRectF:
         return self._roi_item.rect()

@@ -22,6 +22,15 @@ def rgb_to_qimage(img: np.ndarray) -> QImage:
     return QImage(a.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
 
 
+def rgba_to_qimage(img: np.ndarray) -> QImage:
+    """uint8 (H, W, 4), straight alpha -> RGBA8888 QImage (overlays)."""
+    a = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    h, w, _ = a.shape
+    return QImage(a.data, w, h, 4 * w, QImage.Format.Format_RGBA8888).copy()
+
+
 def to_pixmap(img: np.ndarray) -> QPixmap:
     a = np.asarray(img)
-    return QPixmap.fromImage(rgb_to_qimage(a) if a.ndim == 3 else gray_to_qimage(a))
+    if a.ndim == 3:
+        return QPixmap.fromImage(rgba_to_qimage(a) if a.shape[2] == 4 else rgb_to_qimage(a))
+    return QPixmap.fromImage(gray_to_qimage(a))

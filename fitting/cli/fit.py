@@ -19,7 +19,8 @@ def cmd_fit(args) -> int:
     opts = FitOptions(budget_s=args.budget, iterations=args.iterations, size=args.size, seed=args.seed,
                       spp=args.spp, backbone=args.backbone, loss_crop=args.loss_crop,
                       screen=args.screen, screen_loss_crop=args.screen_loss_crop,
-                      loss_precision=args.loss_precision,
+                      loss_precision=args.loss_precision, imaging=args.imaging, pixel_size_nm=args.pixel_size,
+                      measure=not args.no_measure,
                       materials=args.materials.split(",") if args.materials else None)
     cancel = CancelToken()
 
@@ -36,21 +37,39 @@ def cmd_fit(args) -> int:
     out = Path(args.output)
     res.recipe.save(out)
     if args.save_preview:
-        import numpy as np
-        side = np.concatenate([res.reference_tile, np.ones((res.preview.shape[0], 4), np.float32), res.preview], axis=1)
-        atomic_save_png(args.save_preview, side)
+        from fitting.output.preview import side_by_side
+        atomic_save_png(args.save_preview, side_by_side(
+            res.reference_field, res.render_field,
+            labels=("reference", f"fit: {res.best.material_id}")))
     summary = res.summary()
     if args.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
-        print(f"best material: {res.best.material_id}  distance {res.best.distance_initial:.4f} -> "
-              f"{res.best.distance_final:.4f}", file=sys.stderr)
+        b = res.best
+        gained = (f"distance {b.distance_initial:.4f} -> {b.distance_final:.4f}" if b.gained else
+                  f"distance {b.distance_final:.4f} (refinement gained nothing: the initial guess is the result)")
+        print(f"best material: {b.material_id}  {gained}", file=sys.stderr)
+        if res.imaging:
+            print(f"instrument: {res.imaging['reason']}", file=sys.stderr)
+        for label, d in (("measured", res.measured), ("fitted", res.fitted)):
+            if d:
+                print(f"  {label:<8} {_size_line(d)}", file=sys.stderr)
         for c in res.candidates:
             print(f"  {c.material_id:<28} {c.distance_initial:.4f} -> {c.distance_final:.4f}  "
                   f"({c.iterations} it, {c.seconds:.1f} s, {c.stopped})", file=sys.stderr)
         print(f"recipe written to {out}" + (f", preview to {args.save_preview}" if args.save_preview else ""),
               file=sys.stderr)
     return 0
+
+
+def _size_line(d: dict) -> str:
+    """One line of a particle size summary (fit --json's "measured"/"fitted")."""
+    def f(v, fmt=".1f"):
+        return "?" if v is None else format(v, fmt)
+    nm = d.get("diameter_nm")
+    extra = f" = {f(nm['gmean'])} nm" if nm else ""
+    return (f"{d['count']} particles, diameter median {f(d['median'])} px, geometric mean {f(d['gmean'])} px"
+            f"{extra}, GSD {f(d['gsd'], '.2f')}, coverage {d['coverage']:.2f}")
 
 
 def cmd_compare(args) -> int:
@@ -121,9 +140,16 @@ def register(sub) -> None:
                         "bfloat16 on CPUs with bfloat16 instructions, about 2x faster; reported distances "
                         "are float32 either way)")
     f.add_argument("--materials", help="comma-separated material ids to consider (default: all)")
+    f.add_argument("--imaging", choices=("auto", "sem", "tem", "optical"), default="auto",
+                   help="instrument kind (default auto: the file's tags, else the image's cues); a kind "
+                        "restricts the candidates to its materials")
+    f.add_argument("--pixel-size", type=float, metavar="NM",
+                   help="pixel size in nm (default: from the file's tags, if any); stored in the recipe")
+    f.add_argument("--no-measure", action="store_true",
+                   help="do not steer the fit by the measured particles (texture descriptor alone)")
     f.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--save-preview", metavar="PNG", help="save reference | fit side by side")
+    f.add_argument("--save-preview", metavar="PNG", help="save reference | fit side by side: the whole field at the fit's pixel scale")
     f.set_defaults(func=cmd_fit)
 
     c = sub.add_parser("compare", help="descriptor distance of a recipe's render to an image")

@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.set_defaults(func=cmd_render)
 
-    from fitting.cli import bulk, fit, train
-    for mod in (fit, train, bulk):
+    from fitting.cli import bulk, fit, measure, train
+    for mod in (measure, fit, train, bulk):
         mod.register(sub)
     return p
 

@@ -13,9 +13,15 @@ import torch
 from fitting.core.events import CancelToken, EventSink, _emit
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import describe_in, loss_precision
+from fitting.fit.structure import (StructureTarget, combined_score, correct_geometry, impose_geometry, structure_distance,
+                                   structure_terms)
 from fitting.fit.target import ReferenceTarget, sorted_pixels
 
 SIZE_PARAMS = ("size_mean", "primary_size", "length_mean", "diameter")
+#: A render whose measured size, coverage or cluster term exceeds this (about 10 % in size, 0.05
+#: in coverage) gets a geometry correction step and a new render, at most CORRECTION_STEPS times.
+CORRECT_ABOVE = 0.3
+CORRECTION_STEPS = 3
 DENSITY_PARAMS = ("coverage",)
 
 
@@ -89,36 +95,80 @@ def match_tone(scene, x: np.ndarray, quantiles: torch.Tensor, seed: int) -> tupl
         return x1, scene.render(torch.as_tensor(x1), seed=seed)
 
 
-def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
-                   cancel: CancelToken, search_deadline: float = math.inf) -> list[dict]:
-    """Propose, tone-match, render and describe every material; search sizes for the best.
+def measure_render(img) -> object:
+    """The particle measurement of a render (same method as the reference's)."""
+    from fitting.measure.particles import measure_particles
+    a = img.detach().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    return measure_particles(np.clip(a, 0.0, 1.0).astype(np.float32))
 
-    Stage A: each material's proposal (predictor or defaults) at every scale.
-    Stage B: for the best half of the materials, particle sizes around the proposal.
-    Every render is compared with the reference at every working scale; each material keeps
-    its best (scale, size) combination. Stage B stops at ``search_deadline`` (time.time())
-    so ranking cannot eat the refinement's budget. Returns the ranking, best first.
+
+def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
+                   cancel: CancelToken, search_deadline: float = math.inf,
+                   structures: dict[int, StructureTarget] | None = None) -> list[dict]:
+    """Propose, tone-match, render and describe every material; rank by distance to the reference.
+
+    With ``structures`` (the reference's measured particles expressed at each working scale),
+    each proposal is rendered at every scale (geometry from the measurement when the proposal is
+    the material's defaults), measured the same way as the reference, and its geometry corrected
+    (at most :data:`CORRECTION_STEPS` times, kept only when it measures closer) until it
+    measures like the reference, and the ranking distance is :func:`combined_score` of the descriptor and
+    structure distances; each material keeps its best scale. Without them, particle sizes are
+    searched around the proposal (stage B, for the best half of the materials, until
+    ``search_deadline``). Returns the ranking, best first.
     """
     from fitting.describe.descriptor import descriptor_distance
     from fitting.fit.predictor import load_predictor
     quant = target.by_scale[target.scales[0]]["quantiles"]   # gray levels barely depend on scale
     seed = opts.seed + 17
     precision = loss_precision(opts, desc.device)
+    steer = bool(structures)
     best: dict[str, dict] = {}
     proposals: dict[str, dict[int, np.ndarray]] = {}
     sources: dict[str, str] = {}
 
-    def consider(mid: str, x: np.ndarray) -> None:
-        x = match_noise(lib[mid], x, target.noise)
-        x, img = match_tone(scenes[mid], x, quant, seed)
+    def keep(mid: str, s: int, x: np.ndarray, img, terms, m_render) -> None:
+        mat = lib[mid]
         with torch.no_grad():
             dvec = describe_in(desc, img[None, None], precision)
-        for s in target.scales:
-            d = float(descriptor_distance(dvec, target.by_scale[s]["descriptor"]).mean())
+        for sc in ([s] if steer else target.scales):
+            d_desc = float(descriptor_distance(dvec, target.by_scale[sc]["descriptor"]).mean())
+            d_struct = structure_distance(terms) if terms is not None else 0.0
+            d = combined_score(d_desc, d_struct, opts.structure_weight)
             if mid not in best or d < best[mid]["distance"]:
-                mat = lib[mid]
                 best[mid] = {"material": mid, "title": mat.title, "imaging": mat.imaging, "distance": d,
-                             "scale": s, "x": x.copy(), "source": sources[mid], "img": img.numpy()}
+                             "descriptor_distance": d_desc, "structure_distance": d_struct,
+                             "structure_terms": terms, "render_measurement": m_render,
+                             "scale": sc, "x": x.copy(), "source": sources[mid], "img": img.numpy()}
+
+    def consider(mid: str, x: np.ndarray, s: int) -> None:
+        mat = lib[mid]
+        x = match_noise(mat, x, target.noise)
+        if not steer:
+            x, img = match_tone(scenes[mid], x, quant, seed)
+            keep(mid, s, x, img, None, None)
+            return
+        st = structures[s]
+        if sources[mid] != "predictor":
+            # Defaults know nothing of this image: start the geometry from the measurement. A
+            # predictor's geometry is kept as the start (it knows, e.g., that a measured
+            # "particle" may be a cluster of primaries); the corrections below fix its size.
+            x = impose_geometry(mat, x, st.diameter_render, st.coverage, st.measurement.gsd,
+                                st.measurement.shape.get("elongation"), st.primary_count)
+        x, img = match_tone(scenes[mid], x, quant, seed)
+        m_render = measure_render(img)
+        terms = structure_terms(st, m_render, mat.imaging)
+        for _ in range(CORRECTION_STEPS):
+            if max(terms["size"], terms["coverage"], terms["cluster"]) <= CORRECT_ABOVE or \
+                    time.time() > search_deadline:
+                break
+            x_new = correct_geometry(mat, x, st, m_render)
+            x_new, img_new = match_tone(scenes[mid], x_new, quant, seed)
+            m_new = measure_render(img_new)
+            t_new = structure_terms(st, m_new, mat.imaging)
+            if structure_distance(t_new) >= structure_distance(terms):
+                break          # the material cannot get closer (e.g. a parameter at its limit)
+            x, img, m_render, terms = x_new, img_new, m_new, t_new
+        keep(mid, s, x, img, terms, m_render)
 
     n = len(lib)
     for i, (mid, mat) in enumerate(lib.items()):
@@ -132,13 +182,16 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         for s in target.scales:
             if seen and time.time() > search_deadline:
                 break   # out of ranking time: one proposal per material from here on
-            key = np.round(proposals[mid][s], 4).tobytes()
+            key = np.round(proposals[mid][s], 4).tobytes() + (str(s).encode() if steer else b"")
             if key not in seen:
                 seen.add(key)
-                consider(mid, proposals[mid][s])
+                consider(mid, proposals[mid][s], s)
+        r = best[mid]
+        extra = (f" (descriptor {r['descriptor_distance']:.4f}, structure {r['structure_distance']:.2f})"
+                 if steer else "")
         _emit(sink, "log", stage="rank", progress=0.05 + 0.12 * (i + 1) / n,
-              message=f"{mid}: distance {best[mid]['distance']:.4f} at scale {best[mid]['scale']}")
-    if opts.search_sizes:
+              message=f"{mid}: distance {r['distance']:.4f}{extra} at scale {r['scale']}")
+    if opts.search_sizes and not steer:
         order = sorted(best, key=lambda m: best[m]["distance"])[:max(opts.top_k, (n + 1) // 2)]
         for i, mid in enumerate(order):
             cancel.check("the fit")
@@ -147,7 +200,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
                 break
             x0 = proposals[mid][best[mid]["scale"]]
             for x in size_variants(lib[mid], x0, True)[1:]:
-                consider(mid, x)
+                consider(mid, x, best[mid]["scale"])
             _emit(sink, "log", stage="rank", progress=0.17 + 0.08 * (i + 1) / len(order),
                   message=f"{mid}: size search -> distance {best[mid]['distance']:.4f}")
     return sorted(best.values(), key=lambda r: r["distance"])

@@ -42,8 +42,30 @@ class FitOptions:
     # is about twice as fast for the same loss; reported distances are always float32
     # (docs/decisions.md, "Fit: loss precision").
     loss_precision: str = "auto"
+    # Instrument: "auto" (file tags, else image cues) or one of "sem", "tem", "optical", which
+    # restricts the candidates to that kind's materials.
+    imaging: str = "auto"
+    # Measure the reference's particles and steer the fit by them: the working scale puts the
+    # measured particles at TARGET_RENDER_DIAMETER render pixels, geometry starts from the
+    # measurement, and ranking and the final choice multiply the descriptor distance by
+    # (1 + ``structure_weight`` x the structure distance): size, coverage, polarity, shape of the
+    # render measured the same way (fitting/fit/structure.py).
+    measure: bool = True
+    structure_weight: float = 0.25
+    # Pixel size typed by the user (nm); None = from the file's tags, if any.
+    pixel_size_nm: float | None = None
+    # Refinement backtracks to its best point and halves the step when a loss jumps above
+    # (1 + backtrack_jump) x the best loss so far (the loss of a stochastic render swings).
+    backtrack_jump: float = 0.5
 
     def __post_init__(self) -> None:
+        from fitting.measure.instrument import check_imaging_choice
+        self.imaging = check_imaging_choice(self.imaging)
+        if self.pixel_size_nm is not None and not float(self.pixel_size_nm) > 0:
+            raise MatfitError(f"pixel_size_nm must be positive, got {self.pixel_size_nm}",
+                              hint="give the pixel size in nanometres, e.g. 2.5, or leave it unset")
+        if float(self.structure_weight) < 0:
+            raise MatfitError(f"structure_weight must be >= 0, got {self.structure_weight}")
         for name in ("loss_crop", "screen_loss_crop"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise MatfitError(f"{name} must be a fraction in 0..1, got {getattr(self, name)}",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from fitting.core.errors import Cancelled, MatfitError
@@ -35,7 +36,10 @@ from fitting.fit.candidates import rank_materials
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import EVAL_SEEDS, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
+from fitting.fit.structure import (StructureTarget, combined_score, measurement_is_usable, size_summary, structure_distance,
+                                   structure_terms, working_scales)
 from fitting.fit.target import ReferenceTarget, thumbnail
+from fitting.measure.instrument import guess_imaging_of
 
 
 def fit_reference(reference, options: FitOptions | None = None, on_event: EventSink | None = None,
@@ -84,10 +88,40 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         lib = {k: lib[k] for k in opts.materials}
     timings["load"] = time.time() - t_start
 
+    # ------------------------------------------------------------------ measurement + instrument
+    t0 = time.time()
+    _emit(sink, "stage", stage="measure", message="measuring the reference's particles", progress=0.01)
+    measurement = measure_reference(ref) if opts.measure else None
+    pixel_size = opts.pixel_size_nm if opts.pixel_size_nm is not None else ref.pixel_size_nm
+    guess = guess_imaging_of(ref, measurement, opts.imaging)
+    lib = restrict_to_imaging(lib, guess)
+    timings["measure"] = time.time() - t0
+    usable = opts.measure and measurement_is_usable(measurement)
+    if measurement is not None:
+        md = measurement.median_px
+        _emit(sink, "log", stage="measure",
+              message=(f"{measurement.count} particles, median diameter "
+                       f"{'?' if md is None else f'{md:.1f}'} px, coverage {measurement.coverage:.2f}, "
+                       f"{measurement.polarity}, {measurement.shape.get('class')}"
+                       + ("" if usable else " (too uncertain to steer the fit)")))
+    _emit(sink, "log", stage="measure", message=f"instrument: {guess.reason}; candidates: {', '.join(lib)}",
+          data={"measured": measurement_event_data(measurement, ref), "imaging": guess.to_dict()})
+    cancel.check("the fit")
+
     t0 = time.time()
     _emit(sink, "stage", stage="describe", message="describing the reference", progress=0.02)
     desc = TextureDescriptor(opts.backbone, work_size=opts.size)
-    target = ReferenceTarget(ref, desc, opts.scales, opts.size, cancel)
+    longest = max(ref.cropped.shape)
+    scales = working_scales(longest, measurement.median_px, opts.size) if usable else opts.scales
+    target = ReferenceTarget(ref, desc, scales, opts.size, cancel)
+    structures: dict[int, StructureTarget] = {}
+    if usable:
+        for s in target.scales:
+            structures[s] = StructureTarget(measurement, max(target.by_scale[s]["work"].shape) / float(longest),
+                                            True, imaging_kinds=tuple(guess.kinds),
+                                            imaging_confidence=guess.confidence)
+        _emit(sink, "log", stage="describe", message="working scales " + ", ".join(
+            f"{s} px (particles at {st.diameter_render:.1f} render px)" for s, st in structures.items()))
     timings["describe"] = time.time() - t0
     cancel.check("the fit")
 
@@ -98,7 +132,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
               for mid, mat in lib.items()}
     # Ranking may use up to 35 % of the budget; the rest is refinement's.
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
-                             search_deadline=t_start + 0.35 * opts.budget_s)
+                             search_deadline=t_start + 0.35 * opts.budget_s, structures=structures)
     pool = ranking[:max(opts.top_k, opts.screen)]
     timings["rank"] = time.time() - t0
     _emit_candidates(sink, "rank", 0.25, ranking, pool, target)
@@ -168,10 +202,18 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
 
     # ------------------------------------------------------------------ choose + recipe
     t0 = time.time()
-    best = min(candidates, key=lambda c: c.distance_final)
+    for cand in candidates:
+        judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts)
+    best = min(candidates, key=lambda c: c.score)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
     preview = scene.render_numpy(best.x_final, seed=EVAL_SEEDS[0])
+    work = center_window(target.by_scale[best.scale]["work"], FIELD_MAX_SIDE)
+    render_field = render_whole_field(mat, best.x_final, work.shape, opts)
+    full = target.by_scale[best.scale]["work"]
+    field_scale = float(full.size) / float(render_field.size)   # reference region / rendered window
+    measured, fitted = particle_summaries(measurement, render_field, structures.get(best.scale), ref, pixel_size,
+                                          field_scale)
     timings["export"] = time.time() - t0
     timings["total"] = time.time() - t_start
     refined = [s.name for s, m in zip(mat.specs, mat.refine_mask()) if m]
@@ -181,8 +223,14 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         seeds={"layout": opts.seed, "render": EVAL_SEEDS[0], "fit": opts.seed},
         refined=refined, initial=mat.physical(best.x_initial),
         descriptor={"backbone": desc.backbone_id, "work_size": opts.size, "layers": list(desc.layers)},
-        reference={**ref.to_dict(), "working_scale": best.scale},
+        reference={**ref.to_dict(), "working_scale": best.scale,
+                   "pixel_size_nm": None if pixel_size is None else float(pixel_size),
+                   "pixel_size_source": ("user" if opts.pixel_size_nm is not None else
+                                         "file tags" if ref.pixel_size_nm is not None else None)},
         fit={"options": opts.to_dict(),
+             "imaging": guess.to_dict(),
+             "measured": measured, "fitted": fitted,
+             "refinement_gained": best.gained,
              "loss_precision": loss_precision(opts, desc.device),
              "top": [c.summary() for c in candidates],
              "ranking": [_ranking_row(r) for r in ranking],
@@ -190,16 +238,146 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
              "timings": {k: round(v, 3) for k, v in timings.items()}})
     result = FitResult(recipe=recipe, candidates=candidates, ranking=[_ranking_row(r) for r in ranking],
                        best=best, timings=timings, reference=ref.to_dict(), preview=preview,
-                       reference_tile=target.by_scale[best.scale]["tile"])
+                       reference_tile=target.by_scale[best.scale]["tile"], reference_field=work,
+                       render_field=render_field, imaging=guess.to_dict(), measured=measured, fitted=fitted)
+    gained = (f"distance {best.distance_initial:.4f} -> {best.distance_final:.4f}" if best.gained else
+              f"distance {best.distance_final:.4f}; refinement gained nothing, the initial guess is the result")
     _emit(sink, "finished", stage="export", progress=1.0,
-          message=f"best: {best.material_id}, distance {best.distance_initial:.4f} -> {best.distance_final:.4f}",
-          data={"summary": result.summary(), "preview": thumbnail(preview, opts.size)})
+          message=f"best: {best.material_id}, {gained}",
+          data={"summary": result.summary(), "preview": thumbnail(preview, opts.size),
+                "reference_field": _uint8(work), "render_field": _uint8(render_field)})
     return result
+
+
+def _uint8(img: np.ndarray) -> np.ndarray:
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _ranking_row(r: dict) -> dict:
     """What the recipe and the result keep of a ranking entry (screened distance if any)."""
-    return {k: r[k] for k in ("material", "distance", "distance_screened", "scale", "source") if k in r}
+    row = {k: r[k] for k in ("material", "imaging", "distance", "descriptor_distance", "structure_distance",
+                             "distance_screened", "scale", "source") if k in r}
+    if r.get("structure_terms"):
+        row["structure_terms"] = {k: round(v, 3) for k, v in r["structure_terms"].items()}
+    return row
+
+
+def measure_reference(ref):
+    """The particle measurement of the reference's fitting region (full resolution)."""
+    from fitting.measure.particles import measure_particles
+    return measure_particles(ref.cropped, ref.cropped_mask)
+
+
+#: Longest side of the outline picture sent with the measurement event (the window's overlay).
+OUTLINE_MAX_SIDE = 1024
+
+
+def measurement_event_data(measurement, ref) -> dict | None:
+    """The measurement for listeners: summary, diameters (reference px) and the measured
+    particles' outlines as a uint8 picture of the fitting region (at most
+    :data:`OUTLINE_MAX_SIDE` px; 255 = outline), for the window's overlay and histogram."""
+    if measurement is None:
+        return None
+    from skimage.segmentation import find_boundaries
+    lab = measurement.labels
+    k = max(1, int(np.ceil(max(lab.shape) / OUTLINE_MAX_SIDE)))
+    small = lab[::k, ::k]
+    outline = (find_boundaries(small, mode="inner") & (small > 0)).astype(np.uint8) * 255
+    d = measurement.to_dict(pixel_size_nm=ref.pixel_size_nm)
+    d.pop("diagnostics", None)
+    return {**d, "diameters_px": [round(float(v), 2) for v in measurement.diameters_px],
+            "outline": outline, "outline_step": k}
+
+
+def restrict_to_imaging(lib: dict, guess) -> dict:
+    """The library's materials of the guessed instrument kinds when the guess restricts (a
+    user's choice, a tag, an aperture, rings); all materials when it only ranks (polarity).
+    An error when a restricting guess leaves no material."""
+    if not guess.hard:
+        return lib
+    kept = {k: m for k, m in lib.items() if m.imaging in guess.kinds}
+    if kept:
+        return kept
+    if guess.cue in ("user", "tags"):
+        raise MatfitError(f"no candidate material is a {'/'.join(guess.kinds).upper()} material "
+                          f"({guess.reason})", hint="choose another imaging kind, or imaging auto")
+    return lib
+
+
+def judge_structure(cand: Candidate, scene, structure, opts: FitOptions) -> None:
+    """Measure the candidate's final render; its score adds the structure distance. Refinement
+    that made the render measure clearly worse than its start (an emptier or smoother field,
+    say) is undone."""
+    from fitting.fit.candidates import measure_render
+    if structure is None or not structure.usable:
+        cand.score = cand.distance_final
+        return
+    img = scene.render_numpy(cand.x_final, seed=EVAL_SEEDS[0])
+    terms = structure_terms(structure, measure_render(img), scene.material.imaging)
+    s_final = structure_distance(terms)
+    if cand.gained:
+        t0 = structure_terms(structure, measure_render(scene.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])),
+                             scene.material.imaging)
+        s0 = structure_distance(t0)
+        if combined_score(cand.distance_final, s_final, opts.structure_weight) > \
+                combined_score(cand.distance_initial, s0, opts.structure_weight):
+            cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
+            cand.stopped += " (kept initial: the refined render measured further from the reference)"
+            terms, s_final = t0, s0
+    cand.structure_terms, cand.structure_distance = terms, s_final
+    cand.score = combined_score(cand.distance_final, s_final, opts.structure_weight)
+
+
+#: Largest side (px) of the whole-field render made for side-by-sides: a larger working image
+#: is shown by its central window of this size (the render's cost grows with its area).
+FIELD_MAX_SIDE = 1024
+
+
+def center_window(img: np.ndarray, max_side: int) -> np.ndarray:
+    """The central ``max_side`` x ``max_side`` window of ``img`` (all of it when smaller)."""
+    h, w = img.shape[:2]
+    y0, x0 = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
+    return img[y0:y0 + min(h, max_side), x0:x0 + min(w, max_side)]
+
+
+def render_whole_field(material, x, shape: tuple[int, int], opts: FitOptions) -> np.ndarray:
+    """A render of the working image's whole field (same pixel size and scale), for
+    side-by-sides: a square field of the longer side, cropped to the reference's aspect."""
+    from fitting.materials.scene import MaterialScene, RenderSettings
+    h, w = int(shape[0]), int(shape[1])
+    side = max(h, w, 16)
+    img = MaterialScene(material, RenderSettings(size=side, spp=opts.spp, layout_seed=opts.seed)).render_numpy(
+        x, seed=EVAL_SEEDS[0])
+    return np.clip(img[:h, :w], 0.0, 1.0).astype(np.float32)
+
+
+def particle_summaries(measurement, render_field: np.ndarray, structure, ref, pixel_size_nm,
+                       field_scale: float = 1.0):
+    """``measured`` (the reference's particles) and ``fitted`` (the result's, measured on the
+    whole-field render) as count, median / geometric-mean diameter, GSD and coverage in
+    reference pixels, and in nm when the pixel size is known. Counts are for the reference's
+    whole fitting region: the render's count is multiplied by ``field_scale`` (the region's
+    area over the rendered window's)."""
+    from fitting.fit.candidates import measure_render
+    if measurement is None:
+        return None, None
+    f = structure.render_per_reference_px if structure is not None else (
+        max(render_field.shape) / float(max(ref.cropped.shape)))
+    measured = size_summary(measurement)
+    m_fit = measure_render(render_field)
+    measured["diameters"] = [round(float(v), 2) for v in measurement.diameters_px]
+    fitted_diameters = [round(float(v) / f, 2) for v in m_fit.diameters_px]
+    fitted = size_summary(m_fit, reference_px_per_unit=f, field_scale=field_scale)
+    measured.update(polarity=measurement.polarity, shape=measurement.shape.get("class"), method=measurement.method,
+                    confidence={k: round(float(v), 3) for k, v in measurement.confidence.items()})
+    fitted.update(polarity=m_fit.polarity, shape=m_fit.shape.get("class"), method=m_fit.method,
+                  diameters=fitted_diameters)
+    for d in (measured, fitted):
+        d["unit"] = "reference px"
+        d["pixel_size_nm"] = None if pixel_size_nm is None else float(pixel_size_nm)
+        d["diameter_nm"] = (None if pixel_size_nm is None else
+                            {k: (None if d[k] is None else d[k] * float(pixel_size_nm)) for k in ("median", "gmean")})
+    return measured, fitted
 
 
 def _emit_candidates(sink: EventSink, stage: str, progress: float, ranking: list[dict], shown: list[dict],

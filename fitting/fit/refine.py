@@ -89,6 +89,9 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
     optim = torch.optim.Adam([free], lr=opts.lr)
     q_ref = tgt["quantiles"]
     best_x, best_loss, since_best = cand.x_initial.copy(), math.inf, 0
+    # Backtracking: the lowest single-iteration loss and its free parameters. A loss far above
+    # it means the step overshot; return there with half the step and fresh Adam moments.
+    low_loss, low_free = math.inf, free.detach().clone()
     ema = None
     last_dur = 0.0
     cand.stopped = "iterations"
@@ -110,10 +113,28 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
         d = descriptor_distance(describe_in(loss_desc, seen[None, None], precision), loss_target).mean()
         hist = (sorted_pixels(img) - q_ref).abs().mean()
         loss = d + opts.hist_weight * hist
+        lv = float(loss.detach())
+        if lv > low_loss * (1.0 + opts.backtrack_jump):
+            with torch.no_grad():
+                free.copy_(low_free)
+            lr = optim.param_groups[0]["lr"] * 0.5
+            optim = torch.optim.Adam([free], lr=lr)
+            cand.backtracks += 1
+            cand.history.append(lv)
+            cand.iterations = it + 1
+            since_best += 1
+            last_dur = time.time() - t_it
+            _emit(sink, "log", stage=stage, message=f"{mat.id} it {first_iteration + it + 1}: loss {lv:.4f} jumped "
+                  f"above {low_loss:.4f}; back to the best point, step {lr:.4f}")
+            if since_best >= patience:
+                cand.stopped = "converged"
+                break
+            continue
+        if lv < low_loss:
+            low_loss, low_free = lv, free.detach().clone()
         optim.zero_grad()
         loss.backward()
         # The loss was measured at x *before* this step: remember that x if it is the best.
-        lv = float(loss.detach())
         ema = lv if ema is None else 0.7 * ema + 0.3 * lv
         if ema < best_loss - 1e-4:
             best_loss, since_best = ema, 0

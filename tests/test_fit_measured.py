@@ -1,0 +1,132 @@
+"""The fit steered by the measured particles: instrument choice, working scale, measured and
+fitted size distributions in the recipe and the JSON summary, side-by-sides."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fitting.fit.options import FitOptions
+from fitting.fit.pipeline import fit_reference
+from fitting.fit.structure import (StructureTarget, impose_geometry, rendered_size_param, structure_distance,
+                                   structure_terms, working_scale)
+from fitting.materials.library import get_material
+from fitting.materials.recipe import Recipe
+from fitting.measure.instrument import guess_imaging
+from fitting.measure.particles import measure_particles
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "resources" / "examples" / "example_sem.png"
+QUICK = dict(size=128, spp=2, iterations=2, budget_s=30)
+
+
+def test_working_scale_puts_measured_particles_at_the_target_size():
+    assert working_scale(2000, 100.0, 256, target_diameter=25.0) == 500          # 100 px -> 25 px
+    assert working_scale(2000, 5.0, 256) == 2000                                 # never upsamples
+    assert working_scale(2000, 900.0, 256) == 192                                # at least 3/4 of a render
+    assert working_scale(2000, 100.0, 128) == 480                                # render size does not matter
+    assert working_scale(800, None, 256) == 800
+
+
+def test_impose_geometry_sets_size_and_coverage_within_the_specs():
+    mat = get_material("sem_polystyrene_spheres")
+    x = impose_geometry(mat, mat.default_vector(), 37.0, 0.42, gsd=1.1)
+    phys = mat.physical(x)
+    assert phys["size_mean"] == pytest.approx(37.0, rel=1e-4) and phys["coverage"] == pytest.approx(0.42, rel=1e-4)
+    assert rendered_size_param(mat, x) == pytest.approx(37.0, rel=1e-4)
+    x = impose_geometry(mat, mat.default_vector(), 1e4, 5.0)                      # clipped to the ranges
+    assert mat.physical(x)["size_mean"] == pytest.approx(mat.spec("size_mean").max)
+    agg = get_material("tem_carbon_black")
+    x = impose_geometry(agg, agg.default_vector(), 20.0, 0.2, primary_count=60.0)
+    assert agg.physical(x)["primary_size"] == pytest.approx(20.0, rel=1e-4)
+    assert agg.physical(x)["primary_count"] == pytest.approx(60.0, rel=1e-4)
+
+
+def _discs(size=256, d=20.0, n=30, seed=0, bright=True):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size), 0.2 if bright else 0.8, np.float32)
+    for _ in range(n):
+        cy, cx = rng.uniform(d, size - d, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d / 2) ** 2] = 0.85 if bright else 0.25
+    return img + rng.normal(0, 0.02, img.shape).astype(np.float32)
+
+
+def test_structure_terms_are_zero_for_the_same_image_and_grow_with_size_error():
+    ref = measure_particles(_discs())
+    target = StructureTarget(ref, 1.0, True, imaging_kinds=("sem",), imaging_confidence=0.8)
+    same = structure_terms(target, measure_particles(_discs(seed=1)), "sem")
+    assert structure_distance(same) < 0.5
+    bigger = structure_terms(target, measure_particles(_discs(d=40.0, n=8, seed=2)), "sem")
+    assert bigger["size"] > 1.0                         # twice the diameter: well beyond a factor 1.5
+    other = structure_terms(target, measure_particles(_discs(bright=False, seed=3)), "tem")
+    assert other["polarity"] == 1.0 and other["imaging"] == pytest.approx(0.8)
+
+
+def test_imaging_guess_says_which_cue_decided():
+    assert guess_imaging("tem").cue == "user" and guess_imaging("tem").kinds == ("tem",)
+    assert guess_imaging("auto", tag_kind="sem", tag_cue="Zeiss").cue == "tags"
+    g = guess_imaging("auto", aperture=True, polarity="bright", polarity_confidence=1.0)
+    assert g.kinds == ("optical",) and g.cue == "aperture" and g.hard
+    g = guess_imaging("auto", polarity="dark", polarity_confidence=0.9)
+    assert set(g.kinds) == {"tem", "optical"} and g.cue == "polarity" and not g.hard
+    assert guess_imaging("auto", polarity="bright", polarity_confidence=0.9, dark_rings=True).kinds == ("optical",)
+    with pytest.raises(Exception, match="imaging must be one of"):
+        FitOptions(imaging="xray")
+
+
+def test_a_chosen_imaging_kind_restricts_the_candidates():
+    events = []
+    res = fit_reference(EXAMPLE, FitOptions(**QUICK, imaging="tem"), on_event=events.append)
+    assert res.imaging["cue"] == "user" and res.imaging["kinds"] == ["tem"]
+    assert res.ranking and all(r["material"].startswith("tem_") for r in res.ranking)
+    assert all(c.material_id.startswith("tem_") for c in res.candidates)
+    assert res.recipe.fit["imaging"]["kind"] == "tem"
+    measured = [e for e in events if e.stage == "measure" and "measured" in e.data]
+    assert measured and measured[0].data["measured"]["outline"].dtype == np.uint8
+
+
+@pytest.fixture(scope="module")
+def cli_fit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    cmd = [sys.executable, "-m", "fitting.cli.main", "fit", str(EXAMPLE), "-o", str(out / "r.json"), "--json",
+           "--size", "128", "--spp", "2", "--iterations", "2", "--budget", "30", "--pixel-size", "2.5",
+           "--materials", "sem_sintered_agglomerates,sem_polystyrene_spheres,tem_carbon_black",
+           "--save-preview", str(out / "side.png")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), Recipe.load(out / "r.json"), out
+
+
+def test_fit_json_and_recipe_carry_measured_and_fitted_sizes(cli_fit):
+    summary, recipe, _ = cli_fit
+    for key in ("measured", "fitted"):
+        d = summary[key]
+        assert {"count", "median", "gmean", "gsd", "coverage", "diameter_nm", "pixel_size_nm"} <= set(d)
+        assert d["count"] > 0 and d["gmean"] > 0 and d["gsd"] >= 1.0 and 0 < d["coverage"] < 1
+        assert d["pixel_size_nm"] == 2.5
+        assert d["diameter_nm"]["gmean"] == pytest.approx(d["gmean"] * 2.5)
+        assert recipe.fit[key]["gmean"] == pytest.approx(d["gmean"])
+        # the distribution behind the summary: its geometric mean is the summary's
+        ds = np.asarray(d["diameters"], float)
+        assert math.exp(np.log(ds).mean()) == pytest.approx(d["gmean"], rel=0.02)
+    assert summary["imaging"]["cue"] in ("tags", "aperture", "rings", "polarity", "none")
+    assert recipe.reference["pixel_size_nm"] == 2.5 and recipe.reference["pixel_size_source"] == "user"
+    assert summary["metrics"]["refinement_gained"] in (True, False)
+    # the example's particles and the fitted ones: same size within a factor 1.5
+    assert 1 / 1.5 < summary["fitted"]["gmean"] / summary["measured"]["gmean"] < 1.5
+
+
+def test_side_by_side_shows_the_whole_field_at_one_pixel_scale(cli_fit):
+    from PIL import Image
+    _, recipe, out = cli_fit
+    side = np.asarray(Image.open(out / "side.png"))
+    ref_h, ref_w = Image.open(EXAMPLE).size[::-1]
+    scale = recipe.reference["working_scale"]
+    # two halves of the working image's size (the example is square) and a 6 px gap
+    assert side.shape[0] == min(ref_h, scale) and side.shape[1] == 2 * min(ref_w, scale) + 6
