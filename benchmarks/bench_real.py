@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,7 +70,7 @@ def fit_one(path: Path, label: dict, budget: float, out_png: Path, options: dict
         atomic_save_png(out_png, side_by_side(res.reference_field, res.render_field,
                                               labels=(f"reference {path.name}", f"fit: {res.best.material_id}"),
                                               max_width=1600))
-        row["side_by_side"] = str(out_png.relative_to(ROOT))
+        row["side_by_side"] = str(out_png.relative_to(ROOT)) if out_png.is_relative_to(ROOT) else str(out_png)
     return row
 
 

@@ -65,7 +65,9 @@ def test_structure_terms_are_zero_for_the_same_image_and_grow_with_size_error():
     bigger = structure_terms(target, measure_particles(_discs(d=40.0, n=8, seed=2)), "sem")
     assert bigger["size"] > 1.0                         # twice the diameter: well beyond a factor 1.5
     other = structure_terms(target, measure_particles(_discs(bright=False, seed=3)), "tem")
-    assert other["polarity"] == 1.0 and other["imaging"] == pytest.approx(0.8)
+    assert other["polarity"] == 1.0 and other["imaging"] == 0.0          # one piece of evidence, counted once
+    same_polarity_other_kind = structure_terms(target, measure_particles(_discs(seed=4)), "tem")
+    assert same_polarity_other_kind["imaging"] == pytest.approx(0.8)
 
 
 def test_imaging_guess_says_which_cue_decided():
@@ -130,3 +132,25 @@ def test_side_by_side_shows_the_whole_field_at_one_pixel_scale(cli_fit):
     scale = recipe.reference["working_scale"]
     # two halves of the working image's size (the example is square) and a 6 px gap
     assert side.shape[0] == min(ref_h, scale) and side.shape[1] == 2 * min(ref_w, scale) + 6
+
+
+def test_matfit_measure_json_and_overlay(tmp_path, reference_dir):
+    img = reference_dir / "trackpy-examples__bf_0000.png"
+    over = tmp_path / "outlines.png"
+    p = subprocess.run([sys.executable, "-m", "fitting.cli.main", "measure", str(img), "--json", "--pixel-size",
+                        "151.93", "--overlay", str(over)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert {"count", "diameter_px", "coverage", "shape", "imaging", "pixel_size_nm"} <= set(d)
+    assert set(d["diameter_px"]) == {"median", "gmean", "gsd"}
+    assert 4 <= d["count"] <= 6                                   # five colloids
+    assert d["pixel_size_nm"] == pytest.approx(151.93) and d["pixel_size_source"] == "user"
+    assert d["diameter_nm"]["gmean"] == pytest.approx(d["diameter_px"]["gmean"] * 151.93)
+    assert d["imaging"]["kind"] == "optical" and d["imaging"]["cue"]
+    from PIL import Image
+    assert Image.open(over).size == Image.open(img).size
+    p = subprocess.run([sys.executable, "-m", "fitting.cli.main", "measure", str(img)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "particles" in p.stdout and "instrument:" in p.stdout
+    assert json.loads(subprocess.run([sys.executable, "-m", "fitting.cli.main", "measure", str(img), "--json"],
+                                     capture_output=True, text=True, timeout=300).stdout)["diameter_nm"] is None

@@ -95,11 +95,22 @@ def match_tone(scene, x: np.ndarray, quantiles: torch.Tensor, seed: int) -> tupl
         return x1, scene.render(torch.as_tensor(x1), seed=seed)
 
 
-def measure_render(img) -> object:
-    """The particle measurement of a render (same method as the reference's)."""
+def measure_render(img, method: str = "auto") -> object:
+    """The particle measurement of a render. The size method is chosen on the render itself by
+    default: forcing the reference's (say, granulometry of chains) onto a 256 px render that
+    holds a few cut aggregates measured it worse than letting it choose."""
     from fitting.measure.particles import measure_particles
     a = img.detach().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    return measure_particles(np.clip(a, 0.0, 1.0).astype(np.float32))
+    return measure_particles(np.clip(a, 0.0, 1.0).astype(np.float32), method=method)
+
+
+def scale_baselines(entries: list[dict]) -> dict[int, float]:
+    """Median descriptor distance of the materials' best entries at each working scale."""
+    per: dict[int, dict[str, float]] = {}
+    for e in entries:
+        m = per.setdefault(e["scale"], {})
+        m[e["material"]] = min(m.get(e["material"], math.inf), e["descriptor_distance"])
+    return {s: max(float(np.median(list(v.values()))), 1e-6) for s, v in per.items()}
 
 
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
@@ -126,6 +137,8 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
     proposals: dict[str, dict[int, np.ndarray]] = {}
     sources: dict[str, str] = {}
 
+    entries: list[dict] = []
+
     def keep(mid: str, s: int, x: np.ndarray, img, terms, m_render) -> None:
         mat = lib[mid]
         with torch.no_grad():
@@ -133,12 +146,25 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         for sc in ([s] if steer else target.scales):
             d_desc = float(descriptor_distance(dvec, target.by_scale[sc]["descriptor"]).mean())
             d_struct = structure_distance(terms) if terms is not None else 0.0
-            d = combined_score(d_desc, d_struct, opts.structure_weight)
-            if mid not in best or d < best[mid]["distance"]:
-                best[mid] = {"material": mid, "title": mat.title, "imaging": mat.imaging, "distance": d,
-                             "descriptor_distance": d_desc, "structure_distance": d_struct,
-                             "structure_terms": terms, "render_measurement": m_render,
-                             "scale": sc, "x": x.copy(), "source": sources[mid], "img": img.numpy()}
+            entries.append({"material": mid, "title": mat.title, "imaging": mat.imaging,
+                            "descriptor_distance": d_desc, "structure_distance": d_struct,
+                            "structure_terms": terms, "render_measurement": m_render,
+                            "scale": sc, "x": x.copy(), "source": sources[mid], "img": img.numpy()})
+        choose()
+
+    def choose() -> None:
+        """Best entry per material. With several working scales each descriptor distance is
+        taken relative to the materials' median at its scale: finer scales show smoother,
+        larger particles and give every material lower distances, which would otherwise
+        decide the scale instead of the match."""
+        base = scale_baselines(entries) if steer else {}
+        best.clear()
+        for e in entries:
+            e["scale_baseline"] = base.get(e["scale"], 1.0)
+            e["distance"] = combined_score(e["descriptor_distance"] / e["scale_baseline"], e["structure_distance"],
+                                           opts.structure_weight)
+            if e["material"] not in best or e["distance"] < best[e["material"]]["distance"]:
+                best[e["material"]] = e
 
     def consider(mid: str, x: np.ndarray, s: int) -> None:
         mat = lib[mid]
@@ -148,17 +174,19 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             keep(mid, s, x, img, None, None)
             return
         st = structures[s]
-        if sources[mid] != "predictor":
-            # Defaults know nothing of this image: start the geometry from the measurement. A
-            # predictor's geometry is kept as the start (it knows, e.g., that a measured
-            # "particle" may be a cluster of primaries); the corrections below fix its size.
-            x = impose_geometry(mat, x, st.diameter_render, st.coverage, st.measurement.gsd,
-                                st.measurement.shape.get("elongation"), st.primary_count)
+        # The geometry starts from the measurement, except the primary size of an agglomerate
+        # material on a reference whose particles are compact (not branched): there a measured
+        # "particle" may be a whole cluster, and a predictor's primary size is the better start.
+        # The corrections below then fix what still measures differently.
+        keep_size = (sources[mid] == "predictor" and mat.geometry_kind == "agglomerates"
+                     and st.shape_class != "branched")
+        x = impose_geometry(mat, x, None if keep_size else st.diameter_render, st.coverage,
+                            st.measurement.gsd, st.measurement.shape.get("elongation"))
         x, img = match_tone(scenes[mid], x, quant, seed)
         m_render = measure_render(img)
         terms = structure_terms(st, m_render, mat.imaging)
         for _ in range(CORRECTION_STEPS):
-            if max(terms["size"], terms["coverage"], terms["cluster"]) <= CORRECT_ABOVE or \
+            if max(terms["size"], terms["coverage"]) <= CORRECT_ABOVE or \
                     time.time() > search_deadline:
                 break
             x_new = correct_geometry(mat, x, st, m_render)
@@ -187,8 +215,8 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
                 seen.add(key)
                 consider(mid, proposals[mid][s], s)
         r = best[mid]
-        extra = (f" (descriptor {r['descriptor_distance']:.4f}, structure {r['structure_distance']:.2f})"
-                 if steer else "")
+        extra = (f" (descriptor {r['descriptor_distance']:.4f}, structure {r['structure_distance']:.2f}; "
+                 f"so far)" if steer else "")
         _emit(sink, "log", stage="rank", progress=0.05 + 0.12 * (i + 1) / n,
               message=f"{mid}: distance {r['distance']:.4f}{extra} at scale {r['scale']}")
     if opts.search_sizes and not steer:

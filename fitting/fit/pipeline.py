@@ -105,7 +105,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                        f"{measurement.polarity}, {measurement.shape.get('class')}"
                        + ("" if usable else " (too uncertain to steer the fit)")))
     _emit(sink, "log", stage="measure", message=f"instrument: {guess.reason}; candidates: {', '.join(lib)}",
-          data={"measured": measurement_event_data(measurement, ref), "imaging": guess.to_dict()})
+          data={"measured": measurement_event_data(measurement, pixel_size), "imaging": guess.to_dict()})
     cancel.check("the fit")
 
     t0 = time.time()
@@ -130,9 +130,10 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     _emit(sink, "stage", stage="rank", message=f"rendering {len(lib)} library materials", progress=0.05)
     scenes = {mid: MaterialScene(mat, RenderSettings(size=opts.size, spp=opts.spp, layout_seed=opts.seed))
               for mid, mat in lib.items()}
-    # Ranking may use up to 35 % of the budget; the rest is refinement's.
+    # Ranking may use up to 40 % of the budget (geometry corrections stop then); the rest is
+    # refinement's.
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
-                             search_deadline=t_start + 0.35 * opts.budget_s, structures=structures)
+                             search_deadline=t_start + 0.40 * opts.budget_s, structures=structures)
     pool = ranking[:max(opts.top_k, opts.screen)]
     timings["rank"] = time.time() - t0
     _emit_candidates(sink, "rank", 0.25, ranking, pool, target)
@@ -202,8 +203,10 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
 
     # ------------------------------------------------------------------ choose + recipe
     t0 = time.time()
+    baselines = {r["scale"]: r.get("scale_baseline", 1.0) for r in ranking}
     for cand in candidates:
-        judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts)
+        judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts,
+                        baselines.get(cand.scale, 1.0))
     best = min(candidates, key=lambda c: c.score)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
@@ -256,7 +259,7 @@ def _uint8(img: np.ndarray) -> np.ndarray:
 def _ranking_row(r: dict) -> dict:
     """What the recipe and the result keep of a ranking entry (screened distance if any)."""
     row = {k: r[k] for k in ("material", "imaging", "distance", "descriptor_distance", "structure_distance",
-                             "distance_screened", "scale", "source") if k in r}
+                             "scale_baseline", "distance_screened", "scale", "source") if k in r}
     if r.get("structure_terms"):
         row["structure_terms"] = {k: round(v, 3) for k, v in r["structure_terms"].items()}
     return row
@@ -272,7 +275,7 @@ def measure_reference(ref):
 OUTLINE_MAX_SIDE = 1024
 
 
-def measurement_event_data(measurement, ref) -> dict | None:
+def measurement_event_data(measurement, pixel_size_nm: float | None) -> dict | None:
     """The measurement for listeners: summary, diameters (reference px) and the measured
     particles' outlines as a uint8 picture of the fitting region (at most
     :data:`OUTLINE_MAX_SIDE` px; 255 = outline), for the window's overlay and histogram."""
@@ -283,7 +286,7 @@ def measurement_event_data(measurement, ref) -> dict | None:
     k = max(1, int(np.ceil(max(lab.shape) / OUTLINE_MAX_SIDE)))
     small = lab[::k, ::k]
     outline = (find_boundaries(small, mode="inner") & (small > 0)).astype(np.uint8) * 255
-    d = measurement.to_dict(pixel_size_nm=ref.pixel_size_nm)
+    d = measurement.to_dict(pixel_size_nm=pixel_size_nm)
     d.pop("diagnostics", None)
     return {**d, "diameters_px": [round(float(v), 2) for v in measurement.diameters_px],
             "outline": outline, "outline_step": k}
@@ -304,10 +307,11 @@ def restrict_to_imaging(lib: dict, guess) -> dict:
     return lib
 
 
-def judge_structure(cand: Candidate, scene, structure, opts: FitOptions) -> None:
-    """Measure the candidate's final render; its score adds the structure distance. Refinement
-    that made the render measure clearly worse than its start (an emptier or smoother field,
-    say) is undone."""
+def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0) -> None:
+    """Measure the candidate's final render; its score is :func:`combined_score` of its final
+    distance (relative to ``baseline``, the ranking's median distance at its working scale)
+    and the structure distance. Refinement that made the render measure worse by more than
+    it gained in distance (an emptier or smoother field, say) is undone."""
     from fitting.fit.candidates import measure_render
     if structure is None or not structure.usable:
         cand.score = cand.distance_final
@@ -319,13 +323,13 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions) -> None
         t0 = structure_terms(structure, measure_render(scene.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])),
                              scene.material.imaging)
         s0 = structure_distance(t0)
-        if combined_score(cand.distance_final, s_final, opts.structure_weight) > \
-                combined_score(cand.distance_initial, s0, opts.structure_weight):
+        if combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
+                combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
             cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
             cand.stopped += " (kept initial: the refined render measured further from the reference)"
             terms, s_final = t0, s0
     cand.structure_terms, cand.structure_distance = terms, s_final
-    cand.score = combined_score(cand.distance_final, s_final, opts.structure_weight)
+    cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
 
 
 #: Largest side (px) of the whole-field render made for side-by-sides: a larger working image

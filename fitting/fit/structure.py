@@ -25,11 +25,12 @@ TARGET_RENDER_DIAMETER = 24.0
 SIZE_PARAM = {"spheres": "size_mean", "polyhedra": "size_mean", "crystals": "size_mean",
               "ellipsoids": "size_mean", "agglomerates": "primary_size", "rods": "diameter"}
 #: Weights of the structure terms (each term is about 1 when the render is clearly off):
-#: size off by a factor 1.5, coverage off by 0.15, the other polarity, another shape class.
+#: size off by a factor 1.5, coverage off by 0.15, the other polarity, branched against separate
+#: particles (0.3 for round against faceted).
 #: ``imaging``: the material is of an instrument kind the image cues argue against;
 #: ``cluster``: connected clusters (agglomerates) off by a factor 1.5 in equivalent diameter.
-STRUCTURE_TERMS = {"size": 1.0, "coverage": 1.0, "polarity": 1.0, "shape": 0.3, "imaging": 1.0,
-                   "cluster": 0.5}
+STRUCTURE_TERMS = {"size": 1.0, "coverage": 1.0, "polarity": 1.0, "shape": 1.0, "imaging": 1.0,
+                   "cluster": 0.25}
 #: Primaries per agglomerate from its projected area (Koylu et al. 1995: N = k_a (A_a / A_p)^alpha).
 PROJECTED_AREA_KA, PROJECTED_AREA_ALPHA = 1.15, 1.09
 
@@ -139,12 +140,12 @@ def working_scale(longest_side: int, diameter_px: float | None, render_size: int
 
 def working_scales(longest_side: int, diameter_px: float | None, render_size: int) -> tuple[int, ...]:
     """The working scales a measured reference is fitted at: the one that puts its particles
-    at the target render size, and two and four times finer, so that texture inside the
+    at the target render size, and twice finer, so that texture inside the
     particles (primaries of compact agglomerates, surface relief) is not averaged away when the
     measured "particle" is a cluster. Each candidate keeps the scale it matches best; the
     geometry is set from the measurement at every scale, so particle sizes match at all."""
     s = working_scale(longest_side, diameter_px, render_size)
-    return tuple(dict.fromkeys(int(min(longest_side, k * s)) for k in (1, 2, 4)))
+    return tuple(dict.fromkeys(int(min(longest_side, k * s)) for k in (1, 2)))
 
 
 def impose_geometry(material, x: np.ndarray, diameter_render: float | None, coverage: float | None,
@@ -220,13 +221,11 @@ def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_me
         cov_now = material.spec("coverage").to_physical(float(x[material.names.index("coverage")]))
     new_cov = None if cov_now is None else cov_now + float(np.clip(target.coverage - m.coverage, -0.25, 0.25))
     e = target.measurement.shape.get("elongation")
-    count = None
-    a_t, a_r = target_cluster_area(target), cluster_area(m)
-    if material.geometry_kind == "agglomerates" and a_t and a_r and "primary_count" in material.names:
-        now = material.spec("primary_count").to_physical(float(x[material.names.index("primary_count")]))
-        count = now * float(np.clip(a_t / a_r, 1 / 3, 3.0)) ** PROJECTED_AREA_ALPHA
+    # Primaries per agglomerate are left to the proposal: a ranking render (256 px) cannot hold
+    # an aggregate as large as the few big ones of a sparse TEM field, and forcing their size
+    # leaves a render with one cut aggregate whose coverage and texture match nothing.
     return impose_geometry(material, x, None if cur is None else cur * ratio, new_cov,
-                           elongation=e if material.geometry_kind == "rods" else None, primary_count=count)
+                           elongation=e if material.geometry_kind == "rods" else None)
 
 
 def target_cluster_area(target: StructureTarget) -> float | None:
@@ -245,17 +244,23 @@ def structure_terms(target: StructureTarget, render_measurement, imaging: str | 
     off_kind = float(target.imaging_confidence) if imaging and imaging not in target.imaging_kinds else 0.0
     terms = {"size": 0.0, "coverage": 0.0, "polarity": 0.0, "shape": 0.0, "imaging": off_kind, "cluster": 0.0}
     if m is None or m.median_px is None or m.count == 0:
-        # nothing measurable on the render: as bad as a clearly wrong size and coverage
-        terms.update(size=2.0, coverage=min(2.0, ref.coverage / 0.15))
+        # Nothing measurable on the render where the reference has particles: the empty or
+        # smooth field the texture descriptor alone tends to rate close. The worst size and
+        # coverage terms.
+        terms.update(size=3.0, coverage=3.0)
         return terms
     d_t = target.diameter_render
     if d_t:
         terms["size"] = abs(math.log(float(m.median_px) / d_t)) / math.log(1.5)
     terms["coverage"] = abs(float(m.coverage) - ref.coverage) / 0.15
     if ref.polarity != m.polarity:
-        terms["polarity"] = 1.0
-    if ref.shape.get("class") and m.shape.get("class") and ref.shape["class"] != m.shape["class"]:
-        terms["shape"] = 1.0
+        # The instrument cue comes from the same polarity: count the evidence once.
+        terms["polarity"], terms["imaging"] = 1.0, 0.0
+    a, b = ref.shape.get("class"), m.shape.get("class")
+    if a and b and a != b:
+        # Chains or aggregates against separate particles is a different kind of specimen;
+        # round against faceted is a matter of degree.
+        terms["shape"] = 1.0 if "branched" in (a, b) else 0.3
     a_t = target_cluster_area(target) if ref.shape.get("class") == "branched" else None
     if a_t:
         a_r = cluster_area(m) or math.pi / 4.0 * float(m.median_px) ** 2   # no clusters: single particles

@@ -13,8 +13,9 @@ file's vendor tags decide when they name the technique, and else the image's own
 * other particles brighter than the background are SEM secondary-electron images (edges and
   tops emit more electrons than the substrate).
 
-A user's choice, a tag, an aperture or rings restrict the candidates to that kind (``hard``);
-the polarity alone only makes the other kinds' materials start behind in the ranking, since
+A user's choice, a tag, an aperture, dark rings or ring outlines restrict the candidates to
+that kind (``hard``); bright or dark particles alone only make the other kinds' materials start
+behind in the ranking, since
 a dark-on-light SEM image or an optical probe image without its aperture exist. The result
 always says which cue decided.
 """
@@ -172,8 +173,10 @@ def guess_imaging(choice: str | None = "auto", *, tag_kind: str | None = None, t
         words = {"bright": "particles brighter than a dark background (secondary-electron contrast)",
                  "dark": "particles darker than a light background (bright-field transmission)",
                  "outline": "ring-shaped particle outlines (optical bright field)"}[polarity]
+        # Ring outlines exist only in optical bright field; plain polarity only ranks.
         return ImagingGuess(kinds, "polarity", f"{'/'.join(k.upper() for k in kinds)}: {words}",
-                            confidence=float(polarity_confidence), hard=False, details={"polarity": polarity})
+                            confidence=float(polarity_confidence), hard=polarity == "outline",
+                            details={"polarity": polarity})
     return ImagingGuess(IMAGING_KINDS, "none", "no cue was clear enough: every instrument kind is a candidate",
                         confidence=0.0, hard=False)
 

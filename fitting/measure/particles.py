@@ -942,7 +942,7 @@ def _typical_diameter(r: dict) -> float | None:
 
 
 def measure_particles(gray, valid=None, *, polarity: str = "auto",
-                      min_diameter_px: float = 3.0) -> ParticleMeasurement:
+                      min_diameter_px: float = 3.0, method: str = "auto") -> ParticleMeasurement:
     """Measure count, size distribution, coverage, polarity and shape of the particles.
 
     Parameters
@@ -956,6 +956,10 @@ def measure_particles(gray, valid=None, *, polarity: str = "auto",
         Particle contrast; "auto" decides from the histogram (see ``foreground_mask``).
     min_diameter_px : float
         Smallest particle diameter (input pixels) that is measured.
+    method : {"auto", "watershed", "granulometry"}
+        How the size is estimated; "auto" chooses (see Notes). Forcing the method another
+        image was measured with makes two measurements comparable (a fit measures its renders
+        with the reference's method).
 
     Returns
     -------
@@ -1044,7 +1048,14 @@ def measure_particles(gray, valid=None, *, polarity: str = "auto",
         branched = (r["comp_solidity"] < BRANCHED_SOLIDITY
                     and r["inst_per_comp"] >= BRANCHED_INSTANCES
                     and r["coverage"] < BRANCHED_MAX_COVERAGE)
-        method = "granulometry" if gr_med is not None and (branched or n == 0) else "watershed"
+        if method not in ("auto", "watershed", "granulometry"):
+            raise ValueError(f"method must be auto, watershed or granulometry, not {method!r}")
+        if method == "auto":
+            method = "granulometry" if gr_med is not None and (branched or n == 0) else "watershed"
+        elif method == "granulometry" and gr_med is None:
+            method = "watershed"
+        elif method == "watershed" and n == 0 and gr_med is not None:
+            method = "granulometry"
         if method == "granulometry":
             med, gm, gsd = _wstats(gd, gwt)
             k = max(1, n)

@@ -1,0 +1,46 @@
+"""The particle measurement on real renders, against the truth of their instance masks.
+
+The issue's target is +-15 % in geometric mean diameter and +-0.05 in coverage for every
+material; benchmarks/results/measure_renders.json has the full picture (21 of 30 renders within
+15 %, 14 of 30 within 0.05 coverage). This test holds the measurement to what it achieves on
+the materials of separate particles, so a regression shows: diameters within 15 %, coverage
+within 0.12 (SEM renders measure 0.05-0.16 too much coverage: the bright edge glow is counted as
+particle). Compact sintered agglomerates are measured as whole clusters (3x the primaries).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import measure
+
+from fitting.core.runtime import init_mitsuba
+from fitting.materials.library import get_material
+from fitting.materials.scene import MaterialScene, RenderSettings
+from fitting.measure.particles import measure_particles
+
+SEPARATE = ["optical_emulsion_droplets", "sem_faceted_crystals", "sem_nanorods", "sem_polystyrene_spheres",
+            "sem_raspberry_spheres", "tem_metal_nanoparticles"]
+
+
+def _truth(scene, x, seed):
+    parts = scene.split(torch.as_tensor(np.asarray(x, np.float32)))
+    ids = scene.renderer(parts["geometry"], seed).instance_mask().astype(np.int32)
+    border = set(np.unique(np.concatenate([ids[0], ids[-1], ids[:, 0], ids[:, -1]])).tolist())
+    d = np.array([p.equivalent_diameter_area for p in measure.regionprops(ids) if p.label not in border])
+    return float(np.exp(np.log(d).mean())), float((ids > 0).mean())
+
+
+@pytest.mark.parametrize("material_id", SEPARATE)
+def test_measured_size_and_coverage_of_a_render_match_its_instance_mask(material_id):
+    init_mitsuba("cpu")
+    mat = get_material(material_id)
+    x = mat.default_vector()
+    seed = 1000
+    scene = MaterialScene(mat, RenderSettings(size=256, spp=4, layout_seed=seed))
+    img = scene.render_numpy(x, seed=seed)
+    gmean, coverage = _truth(scene, x, seed)
+    m = measure_particles(np.clip(img, 0, 1))
+    assert m.gmean_px == pytest.approx(gmean, rel=0.15), (m.gmean_px, gmean)
+    assert abs(m.coverage - coverage) <= 0.12, (m.coverage, coverage)
+    assert m.polarity == ("bright" if mat.imaging == "sem" else "dark")
