@@ -89,8 +89,12 @@ def synthetic(args) -> dict:
         dt = time.time() - t0
         ranked = [r["material"] for r in res.ranking]
         by_prediction = [r["material"] for r in sorted(res.ranking, key=lambda r: r["distance"])]
-        row = {"target": path.name, "material": mid, "rank_of_true": ranked.index(mid) + 1,
-               "rank_of_true_before_screening": by_prediction.index(mid) + 1,
+        # The true material can be left out of the ranking altogether (an instrument cue that
+        # restricts the candidates to another kind): it then counts as ranked last.
+        row = {"target": path.name, "material": mid,
+               "rank_of_true": ranked.index(mid) + 1 if mid in ranked else len(lib) + 1,
+               "rank_of_true_before_screening": by_prediction.index(mid) + 1 if mid in by_prediction else len(lib) + 1,
+               "true_material_ranked": mid in ranked, "imaging": res.imaging,
                "ranking_top5": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                                  if k in ("material", "distance", "distance_screened")} for r in res.ranking[:5]],
                "best": res.best.material_id, "seconds": round(dt, 1),
