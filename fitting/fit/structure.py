@@ -31,8 +31,6 @@ SIZE_PARAM = {"spheres": "size_mean", "polyhedra": "size_mean", "crystals": "siz
 #: ``cluster``: connected clusters (agglomerates) off by a factor 1.5 in equivalent diameter.
 STRUCTURE_TERMS = {"size": 1.0, "coverage": 1.0, "polarity": 1.0, "shape": 1.0, "imaging": 1.0,
                    "cluster": 0.25}
-#: Primaries per agglomerate from its projected area (Koylu et al. 1995: N = k_a (A_a / A_p)^alpha).
-PROJECTED_AREA_KA, PROJECTED_AREA_ALPHA = 1.15, 1.09
 
 
 @dataclass
@@ -73,15 +71,6 @@ class StructureTarget:
     def shape_class(self) -> str | None:
         return self.measurement.shape.get("class")
 
-    @property
-    def primary_count(self) -> float | None:
-        """Primaries per cluster estimated from the measured cluster and primary sizes (branched
-        clusters only: touching grains of a dense field are no agglomerates)."""
-        if self.shape_class != "branched":
-            return None
-        a, d = cluster_area(self.measurement), self.measurement.median_px
-        return None if a is None or d is None else primaries_per_cluster(a, float(d))
-
 
 def cluster_area(m) -> float | None:
     """Area-weighted median projected area (px^2) of the measurement's connected clusters that
@@ -105,12 +94,6 @@ def cluster_area(m) -> float | None:
         value = None
     m._cluster_area = value
     return value
-
-
-def primaries_per_cluster(cluster_area_px: float, primary_diameter_px: float) -> float:
-    """Primaries in an agglomerate of projected area ``cluster_area_px`` (same units squared)."""
-    ratio = cluster_area_px / (math.pi / 4.0 * primary_diameter_px ** 2)
-    return PROJECTED_AREA_KA * max(ratio, 1.0) ** PROJECTED_AREA_ALPHA
 
 
 def measurement_is_usable(m) -> bool:
