@@ -101,7 +101,8 @@ def synthetic(args) -> dict:
                "timings": {k: round(v, 1) for k, v in res.timings.items()},
                "distance_initial": res.best.distance_initial, "distance_final": res.best.distance_final,
                "distance_true_params": floor, "best_scale": res.best.scale,
-               "best_iterations": res.best.iterations, "best_stopped": res.best.stopped}
+               "best_iterations": res.best.iterations, "best_stopped": res.best.stopped,
+               "candidates": [c.summary() for c in res.candidates]}
         true_c = next((c for c in res.candidates if c.material_id == mid), None)
         if true_c is not None:
             m = mat.refine_mask()

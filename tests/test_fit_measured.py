@@ -47,27 +47,79 @@ def test_impose_geometry_sets_size_and_coverage_within_the_specs():
     assert agg.physical(x)["primary_count"] == pytest.approx(60.0, rel=1e-4)
 
 
-def _discs(size=256, d=20.0, n=30, seed=0, bright=True):
+def _discs(size=256, d=20.0, n=30, seed=0, bright=True, halo=False):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
-    img = np.full((size, size), 0.2 if bright else 0.8, np.float32)
-    for _ in range(n):
-        cy, cx = rng.uniform(d, size - d, 2)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d / 2) ** 2] = 0.85 if bright else 0.25
+    img = np.full((size, size), 0.4 if bright else 0.8, np.float32)
+    centres = rng.uniform(d, size - d, (n, 2))
+    if halo:      # dark refraction rings around each particle (optical bright field)
+        for cy, cx in centres:
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (0.7 * d) ** 2] = 0.25
+    for cy, cx in centres:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d / 2) ** 2] = 0.9 if bright else 0.25
     return img + rng.normal(0, 0.02, img.shape).astype(np.float32)
 
 
+def _measured(img):
+    from fitting.fit.candidates import measure_render
+    return measure_render(img)
+
+
 def test_structure_terms_are_zero_for_the_same_image_and_grow_with_size_error():
-    ref = measure_particles(_discs())
-    target = StructureTarget(ref, 1.0, True, imaging_kinds=("sem",), imaging_confidence=0.8)
-    same = structure_terms(target, measure_particles(_discs(seed=1)), "sem")
+    target = StructureTarget(_measured(_discs()), 1.0)
+    same = structure_terms(target, _measured(_discs(seed=1)))
     assert structure_distance(same) < 0.5
-    bigger = structure_terms(target, measure_particles(_discs(d=40.0, n=8, seed=2)), "sem")
+    bigger = structure_terms(target, _measured(_discs(d=40.0, n=8, seed=2)))
     assert bigger["size"] > 1.0                         # twice the diameter: well beyond a factor 1.5
-    other = structure_terms(target, measure_particles(_discs(bright=False, seed=3)), "tem")
-    assert other["polarity"] == 1.0 and other["imaging"] == 0.0          # one piece of evidence, counted once
-    same_polarity_other_kind = structure_terms(target, measure_particles(_discs(seed=4)), "tem")
-    assert same_polarity_other_kind["imaging"] == pytest.approx(0.8)
+    other = structure_terms(target, _measured(_discs(bright=False, seed=3)))
+    assert other["polarity"] == 1.0
+
+
+def test_dark_halos_are_found_on_the_reference_and_reported_not_imposed():
+    """Ringed bright particles (optical bright field) are the "rings" cue: reported, never
+    taking the other instruments' materials out of the fit."""
+    from fitting.measure.instrument import ring_status
+    ringed = _measured(_discs(halo=True))
+    assert ring_status(_discs(halo=True), ringed) is True
+    assert ring_status(_discs(seed=5), _measured(_discs(seed=5))) is False
+    assert ring_status(_discs(bright=False), _measured(_discs(bright=False))) is None
+
+
+def test_terms_the_measurement_doubts_weigh_less():
+    from fitting.fit.structure import CONFIDENCE_FLOOR, STRUCTURE_TERMS, confidence_weights
+    w = confidence_weights({"diameter": 0.0, "coverage": 1.0, "polarity": 1.0, "shape": 0.5})
+    assert w["size"] == pytest.approx(CONFIDENCE_FLOOR * STRUCTURE_TERMS["size"])
+    assert w["coverage"] == pytest.approx(STRUCTURE_TERMS["coverage"])
+    assert CONFIDENCE_FLOOR * STRUCTURE_TERMS["shape"] < w["shape"] < STRUCTURE_TERMS["shape"]
+
+
+def test_finish_geometry_brings_a_refined_candidate_to_the_measured_size():
+    """A candidate whose particles render 1.7x too large is corrected after refinement, and
+    the correction is kept only because it scores better."""
+    from fitting.describe.descriptor import TextureDescriptor
+    from fitting.fit.candidates import measure_render
+    from fitting.fit.pipeline import finish_geometry, judge_structure
+    from fitting.fit.refine import evaluate_distance
+    from fitting.fit.results import Candidate
+    from fitting.materials.scene import MaterialScene, RenderSettings
+    mat = get_material("sem_polystyrene_spheres")
+    scene = MaterialScene(mat, RenderSettings(size=128, spp=2, layout_seed=3))
+    x_true = impose_geometry(mat, mat.default_vector(), 14.0, 0.3)
+    reference = scene.render_numpy(x_true, seed=11)
+    target = StructureTarget(measure_render(reference), 1.0)
+    desc = TextureDescriptor(work_size=128)
+    tgt_desc = desc.describe_reference(reference)
+    x_big = impose_geometry(mat, x_true, 24.0, 0.3)
+    d_big = evaluate_distance(scene, x_big, desc, tgt_desc)
+    cand = Candidate(mat.id, 128, x_big, d_big, x_final=x_big.copy(), distance_final=d_big)
+    judge_structure(cand, scene, target, FitOptions())
+    before = dict(cand.structure_terms)
+    score_before = cand.score
+    finish_geometry(cand, scene, target, FitOptions(), 1.0, desc, tgt_desc)
+    assert before["size"] > 0.5
+    assert cand.structure_terms["size"] < 0.5 * before["size"]
+    assert cand.score < score_before and "geometry corrected" in cand.stopped
+    assert rendered_size_param(mat, cand.x_final) < 20.0
 
 
 def test_imaging_guess_says_which_cue_decided():
@@ -77,7 +129,9 @@ def test_imaging_guess_says_which_cue_decided():
     assert g.kinds == ("optical",) and g.cue == "aperture" and g.hard
     g = guess_imaging("auto", polarity="dark", polarity_confidence=0.9)
     assert set(g.kinds) == {"tem", "optical"} and g.cue == "polarity" and not g.hard
-    assert guess_imaging("auto", polarity="bright", polarity_confidence=0.9, dark_rings=True).kinds == ("optical",)
+    g = guess_imaging("auto", polarity="bright", polarity_confidence=0.9, dark_rings=True)
+    assert g.kinds == ("optical",) and g.cue == "rings" and not g.hard        # never excludes
+    assert not guess_imaging("auto", polarity="outline", polarity_confidence=0.9).hard
     with pytest.raises(Exception, match="imaging must be one of"):
         FitOptions(imaging="xray")
 

@@ -115,17 +115,20 @@ def scale_baselines(entries: list[dict]) -> dict[int, float]:
 
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
                    cancel: CancelToken, search_deadline: float = math.inf,
-                   structures: dict[int, StructureTarget] | None = None) -> list[dict]:
+                   structures: dict[int, StructureTarget] | None = None,
+                   all_entries: list[dict] | None = None) -> list[dict]:
     """Propose, tone-match, render and describe every material; rank by distance to the reference.
 
     With ``structures`` (the reference's measured particles expressed at each working scale),
-    each proposal is rendered at every scale (geometry from the measurement when the proposal is
-    the material's defaults), measured the same way as the reference, and its geometry corrected
-    (at most :data:`CORRECTION_STEPS` times, kept only when it measures closer) until it
-    measures like the reference, and the ranking distance is :func:`combined_score` of the descriptor and
-    structure distances; each material keeps its best scale. Without them, particle sizes are
+    each material starts twice at every scale: its predictor's proposal as it is, and the
+    proposal with the geometry set from the measurement, whose geometry is then corrected (at
+    most :data:`CORRECTION_STEPS` times, kept only when it measures closer) until it measures
+    like the reference. Every render is measured the same way as the reference; the ranking
+    distance is :func:`combined_score` of the descriptor and structure distances, and each
+    material keeps its best start and scale. Without them, particle sizes are
     searched around the proposal (stage B, for the best half of the materials, until
-    ``search_deadline``). Returns the ranking, best first.
+    ``search_deadline``). Returns the ranking, best first; ``all_entries``, when given, receives
+    every rendered entry (each material's every scale and start), for benchmarks.
     """
     from fitting.describe.descriptor import descriptor_distance
     from fitting.fit.predictor import load_predictor
@@ -137,19 +140,20 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
     proposals: dict[str, dict[int, np.ndarray]] = {}
     sources: dict[str, str] = {}
 
-    entries: list[dict] = []
+    entries: list[dict] = [] if all_entries is None else all_entries
 
-    def keep(mid: str, s: int, x: np.ndarray, img, terms, m_render) -> None:
+    def keep(mid: str, s: int, x: np.ndarray, img, terms, m_render, start: str = "proposal") -> None:
         mat = lib[mid]
         with torch.no_grad():
             dvec = describe_in(desc, img[None, None], precision)
         for sc in ([s] if steer else target.scales):
             d_desc = float(descriptor_distance(dvec, target.by_scale[sc]["descriptor"]).mean())
-            d_struct = structure_distance(terms) if terms is not None else 0.0
+            d_struct = structure_distance(terms, structures[sc].weights) if terms is not None else 0.0
             entries.append({"material": mid, "title": mat.title, "imaging": mat.imaging,
                             "descriptor_distance": d_desc, "structure_distance": d_struct,
                             "structure_terms": terms, "render_measurement": m_render,
-                            "scale": sc, "x": x.copy(), "source": sources[mid], "img": img.numpy()})
+                            "scale": sc, "x": x.copy(), "source": sources[mid], "start": start,
+                            "img": img.numpy()})
         choose()
 
     def choose() -> None:
@@ -174,6 +178,12 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             keep(mid, s, x, img, None, None)
             return
         st = structures[s]
+        if sources[mid] == "predictor":
+            # The predictor's own proposal is a candidate too: on a reference its training
+            # renders resemble, it is often closer than any geometry the measurement imposes.
+            x_p, img_p = match_tone(scenes[mid], x, quant, seed)
+            m_p = measure_render(img_p)
+            keep(mid, s, x_p, img_p, structure_terms(st, m_p), m_p, start="predictor")
         # The geometry starts from the measurement, except the primary size of an agglomerate
         # material on a reference whose particles are compact (not branched): there a measured
         # "particle" may be a whole cluster, and a predictor's primary size is the better start.
@@ -184,7 +194,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
                             st.measurement.gsd, st.measurement.shape.get("elongation"))
         x, img = match_tone(scenes[mid], x, quant, seed)
         m_render = measure_render(img)
-        terms = structure_terms(st, m_render, mat.imaging)
+        terms = structure_terms(st, m_render)
         for _ in range(CORRECTION_STEPS):
             if max(terms["size"], terms["coverage"]) <= CORRECT_ABOVE or \
                     time.time() > search_deadline:
@@ -192,11 +202,11 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             x_new = correct_geometry(mat, x, st, m_render)
             x_new, img_new = match_tone(scenes[mid], x_new, quant, seed)
             m_new = measure_render(img_new)
-            t_new = structure_terms(st, m_new, mat.imaging)
-            if structure_distance(t_new) >= structure_distance(terms):
+            t_new = structure_terms(st, m_new)
+            if structure_distance(t_new, st.weights) >= structure_distance(terms, st.weights):
                 break          # the material cannot get closer (e.g. a parameter at its limit)
             x, img, m_render, terms = x_new, img_new, m_new, t_new
-        keep(mid, s, x, img, terms, m_render)
+        keep(mid, s, x, img, terms, m_render, start="measured")
 
     n = len(lib)
     for i, (mid, mat) in enumerate(lib.items()):

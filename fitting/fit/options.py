@@ -51,7 +51,7 @@ class FitOptions:
     # (1 + ``structure_weight`` x the structure distance): size, coverage, polarity, shape of the
     # render measured the same way (fitting/fit/structure.py).
     measure: bool = True
-    structure_weight: float = 1.0
+    structure_weight: float = 0.5
     # Pixel size typed by the user (nm); None = from the file's tags, if any.
     pixel_size_nm: float | None = None
     # Refinement backtracks to its best point and halves the step when a loss jumps above

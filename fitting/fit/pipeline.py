@@ -66,14 +66,15 @@ def fit_reference(reference, options: FitOptions | None = None, on_event: EventS
 
 def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, library):
     from fitting.core.runtime import init_mitsuba
-    from fitting.describe.descriptor import TextureDescriptor
     from fitting.materials.library import load_library
     from fitting.materials.recipe import Recipe
     from fitting.materials.scene import MaterialScene, RenderSettings
     from fitting.reference.loading import ReferenceImage, load_reference
 
     t_start = time.time()
-    deadline = t_start + opts.budget_s
+    # The last share of the budget is kept for judging the refined candidates, correcting their
+    # geometry and rendering the whole field, so a fit ends within its budget.
+    deadline = t_start + (1.0 - END_RESERVE) * opts.budget_s
     timings: dict[str, float] = {}
     torch.manual_seed(opts.seed)
 
@@ -88,42 +89,10 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         lib = {k: lib[k] for k in opts.materials}
     timings["load"] = time.time() - t_start
 
-    # ------------------------------------------------------------------ measurement + instrument
-    t0 = time.time()
-    _emit(sink, "stage", stage="measure", message="measuring the reference's particles", progress=0.01)
-    measurement = measure_reference(ref) if opts.measure else None
-    pixel_size = opts.pixel_size_nm if opts.pixel_size_nm is not None else ref.pixel_size_nm
-    guess = guess_imaging_of(ref, measurement, opts.imaging)
-    lib = restrict_to_imaging(lib, guess)
-    timings["measure"] = time.time() - t0
-    usable = opts.measure and measurement_is_usable(measurement)
-    if measurement is not None:
-        md = measurement.median_px
-        _emit(sink, "log", stage="measure",
-              message=(f"{measurement.count} particles, median diameter "
-                       f"{'?' if md is None else f'{md:.1f}'} px, coverage {measurement.coverage:.2f}, "
-                       f"{measurement.polarity}, {measurement.shape.get('class')}"
-                       + ("" if usable else " (too uncertain to steer the fit)")))
-    _emit(sink, "log", stage="measure", message=f"instrument: {guess.reason}; candidates: {', '.join(lib)}",
-          data={"measured": measurement_event_data(measurement, pixel_size), "imaging": guess.to_dict()})
-    cancel.check("the fit")
-
-    t0 = time.time()
-    _emit(sink, "stage", stage="describe", message="describing the reference", progress=0.02)
-    desc = TextureDescriptor(opts.backbone, work_size=opts.size)
-    longest = max(ref.cropped.shape)
-    scales = working_scales(longest, measurement.median_px, opts.size) if usable else opts.scales
-    target = ReferenceTarget(ref, desc, scales, opts.size, cancel)
-    structures: dict[int, StructureTarget] = {}
-    if usable:
-        for s in target.scales:
-            structures[s] = StructureTarget(measurement, max(target.by_scale[s]["work"].shape) / float(longest),
-                                            True, imaging_kinds=tuple(guess.kinds),
-                                            imaging_confidence=guess.confidence)
-        _emit(sink, "log", stage="describe", message="working scales " + ", ".join(
-            f"{s} px (particles at {st.diameter_render:.1f} render px)" for s, st in structures.items()))
-    timings["describe"] = time.time() - t0
-    cancel.check("the fit")
+    # ------------------------------------------------------------------ measurement + description
+    prepared = prepare_target(ref, opts, lib, sink, cancel, timings)
+    measurement, guess, lib = prepared.measurement, prepared.guess, prepared.library
+    target, structures, desc, pixel_size = prepared.target, prepared.structures, prepared.descriptor, prepared.pixel_size
 
     # ------------------------------------------------------------------ ranking
     t0 = time.time()
@@ -206,7 +175,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     baselines = {r["scale"]: r.get("scale_baseline", 1.0) for r in ranking}
     for cand in candidates:
         judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts,
-                        baselines.get(cand.scale, 1.0))
+                        baselines.get(cand.scale, 1.0), desc, target.by_scale[cand.scale]["descriptor"])
     best = min(candidates, key=lambda c: c.score)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
@@ -252,6 +221,84 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     return result
 
 
+@dataclasses.dataclass
+class PreparedTarget:
+    """What the fit knows about the reference before any material is rendered.
+
+    Attributes
+    ----------
+    measurement : ParticleMeasurement or None
+        The reference's particles (None with ``FitOptions.measure`` off).
+    guess : ImagingGuess
+        The instrument decision.
+    library : dict
+        The candidate materials (restricted by a hard instrument cue).
+    target : ReferenceTarget
+        The reference described at its working scales.
+    structures : dict
+        Working scale -> :class:`StructureTarget`; empty when the measurement is too uncertain
+        to steer the fit (the fixed ``FitOptions.scales`` are used then).
+    descriptor : TextureDescriptor
+    pixel_size : float or None
+        nm per reference pixel (typed by the user, else from the file's tags).
+    """
+
+    measurement: object
+    guess: object
+    library: dict
+    target: ReferenceTarget
+    structures: dict
+    descriptor: object
+    pixel_size: float | None
+
+
+def prepare_target(ref, opts: FitOptions, lib: dict, sink: EventSink = null_sink, cancel: CancelToken | None = None,
+                   timings: dict | None = None) -> PreparedTarget:
+    """Measure the reference's particles, decide the instrument, pick the working scales from
+    the measured size and describe the reference at each (the stages before ranking)."""
+    from fitting.describe.descriptor import TextureDescriptor
+    cancel = cancel or CancelToken()
+    timings = timings if timings is not None else {}
+    t0 = time.time()
+    _emit(sink, "stage", stage="measure", message="measuring the reference's particles", progress=0.01)
+    measurement = measure_reference(ref) if opts.measure else None
+    pixel_size = opts.pixel_size_nm if opts.pixel_size_nm is not None else ref.pixel_size_nm
+    guess = guess_imaging_of(ref, measurement, opts.imaging)
+    lib = restrict_to_imaging(lib, guess)
+    timings["measure"] = time.time() - t0
+    usable = opts.measure and measurement_is_usable(measurement)
+    if measurement is not None:
+        md = measurement.median_px
+        _emit(sink, "log", stage="measure",
+              message=(f"{measurement.count} particles, median diameter "
+                       f"{'?' if md is None else f'{md:.1f}'} px, coverage {measurement.coverage:.2f}, "
+                       f"{measurement.polarity}, {measurement.shape.get('class')}"
+                       + ("" if usable else " (too uncertain to steer the fit)")))
+    _emit(sink, "log", stage="measure", message=f"instrument: {guess.reason}; candidates: {', '.join(lib)}",
+          data={"measured": measurement_event_data(measurement, pixel_size), "imaging": guess.to_dict()})
+    cancel.check("the fit")
+
+    t0 = time.time()
+    _emit(sink, "stage", stage="describe", message="describing the reference", progress=0.02)
+    desc = TextureDescriptor(opts.backbone, work_size=opts.size)
+    longest = max(ref.cropped.shape)
+    scales = working_scales(longest, measurement.median_px, opts.size) if usable else opts.scales
+    target = ReferenceTarget(ref, desc, scales, opts.size, cancel)
+    structures: dict[int, StructureTarget] = {}
+    if usable:
+        for s in target.scales:
+            structures[s] = StructureTarget(measurement, max(target.by_scale[s]["work"].shape) / float(longest))
+        _emit(sink, "log", stage="describe", message="working scales " + ", ".join(
+            f"{s} px (particles at {st.diameter_render:.1f} render px)" for s, st in structures.items()))
+    timings["describe"] = time.time() - t0
+    cancel.check("the fit")
+    return PreparedTarget(measurement, guess, lib, target, structures, desc, pixel_size)
+
+
+#: Share of the budget kept for the stages after refinement (judge, geometry, whole field).
+END_RESERVE = 0.1
+
+
 def _uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -259,7 +306,7 @@ def _uint8(img: np.ndarray) -> np.ndarray:
 def _ranking_row(r: dict) -> dict:
     """What the recipe and the result keep of a ranking entry (screened distance if any)."""
     row = {k: r[k] for k in ("material", "imaging", "distance", "descriptor_distance", "structure_distance",
-                             "scale_baseline", "distance_screened", "scale", "source") if k in r}
+                             "scale_baseline", "distance_screened", "scale", "source", "start") if k in r}
     if r.get("structure_terms"):
         row["structure_terms"] = {k: round(v, 3) for k, v in r["structure_terms"].items()}
     return row
@@ -294,8 +341,9 @@ def measurement_event_data(measurement, pixel_size_nm: float | None) -> dict | N
 
 def restrict_to_imaging(lib: dict, guess) -> dict:
     """The library's materials of the guessed instrument kinds when the guess restricts (a
-    user's choice, a tag, an aperture, rings); all materials when it only ranks (polarity).
-    An error when a restricting guess leaves no material."""
+    user's choice, a tag, an aperture); all materials otherwise (polarity, rings: the renders'
+    own polarity and outlines are compared instead). An error when a restricting guess leaves
+    no material."""
     if not guess.hard:
         return lib
     kept = {k: m for k, m in lib.items() if m.imaging in guess.kinds}
@@ -307,22 +355,23 @@ def restrict_to_imaging(lib: dict, guess) -> dict:
     return lib
 
 
-def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0) -> None:
+def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,
+                    desc=None, target_descriptor=None) -> None:
     """Measure the candidate's final render; its score is :func:`combined_score` of its final
     distance (relative to ``baseline``, the ranking's median distance at its working scale)
     and the structure distance. Refinement that made the render measure worse by more than
-    it gained in distance (an emptier or smoother field, say) is undone."""
+    it gained in distance (an emptier or smoother field, say) is undone. With ``desc`` and
+    ``target_descriptor``, the geometry is then corrected (:func:`finish_geometry`)."""
     from fitting.fit.candidates import measure_render
-    if structure is None or not structure.usable:
+    if structure is None:
         cand.score = cand.distance_final
         return
     img = scene.render_numpy(cand.x_final, seed=EVAL_SEEDS[0])
-    terms = structure_terms(structure, measure_render(img), scene.material.imaging)
-    s_final = structure_distance(terms)
+    terms = structure_terms(structure, measure_render(img))
+    s_final = structure_distance(terms, structure.weights)
     if cand.gained:
-        t0 = structure_terms(structure, measure_render(scene.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])),
-                             scene.material.imaging)
-        s0 = structure_distance(t0)
+        t0 = structure_terms(structure, measure_render(scene.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])))
+        s0 = structure_distance(t0, structure.weights)
         if combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
                 combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
             cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
@@ -330,6 +379,40 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
             terms, s_final = t0, s0
     cand.structure_terms, cand.structure_distance = terms, s_final
     cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
+    if desc is not None and target_descriptor is not None:
+        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor)
+
+
+#: Geometry correction steps after refinement (each: one render to measure, two to describe).
+FINISH_STEPS = 2
+
+
+def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baseline: float, desc,
+                    target_descriptor) -> None:
+    """Correct the refined candidate's particle size and coverage until its render measures
+    like the reference (refinement changes blur, contrast and noise, which move the measured
+    edges, but never the geometry), keeping each step only when the combined score improves."""
+    from fitting.fit.candidates import CORRECT_ABOVE, measure_render
+    from fitting.fit.refine import evaluate_distance
+    from fitting.fit.structure import correct_geometry
+    mat = scene.material
+    for _ in range(FINISH_STEPS):
+        terms = cand.structure_terms or {}
+        if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE:
+            return
+        m = measure_render(scene.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
+        x_new = correct_geometry(mat, cand.x_final, structure, m)
+        if np.allclose(x_new, cand.x_final, atol=1e-4):
+            return
+        t_new = structure_terms(structure, measure_render(scene.render_numpy(x_new, seed=EVAL_SEEDS[0])))
+        s_new = structure_distance(t_new, structure.weights)
+        d_new = evaluate_distance(scene, x_new, desc, target_descriptor)
+        score = combined_score(d_new / baseline, s_new, opts.structure_weight)
+        if score >= cand.score:
+            return
+        cand.x_final, cand.distance_final, cand.structure_terms, cand.structure_distance, cand.score = \
+            x_new, d_new, t_new, s_new, score
+        cand.stopped += " (geometry corrected to the measurement)" if "corrected" not in cand.stopped else ""
 
 
 #: Largest side (px) of the whole-field render made for side-by-sides: a larger working image
@@ -368,7 +451,9 @@ def particle_summaries(measurement, render_field: np.ndarray, structure, ref, pi
     f = structure.render_per_reference_px if structure is not None else (
         max(render_field.shape) / float(max(ref.cropped.shape)))
     measured = size_summary(measurement)
-    m_fit = measure_render(render_field)
+    # The whole field at the reference's pixel scale is measured the way the reference was
+    # (the same size method), so the two numbers compare like for like.
+    m_fit = measure_render(render_field, method=measurement.method)
     measured["diameters"] = [round(float(v), 2) for v in measurement.diameters_px]
     fitted_diameters = [round(float(v) / f, 2) for v in m_fit.diameters_px]
     fitted = size_summary(m_fit, reference_px_per_unit=f, field_scale=field_scale)

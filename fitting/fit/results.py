@@ -24,7 +24,8 @@ class Candidate:
     # Measured structure of the final render against the reference's (fitting.fit.structure).
     structure_terms: dict | None = None
     structure_distance: float = 0.0
-    score: float | None = None           # distance_final + structure_weight x structure_distance
+    # distance_final relative to its scale's ranking median x (1 + structure_weight x structure_distance)
+    score: float | None = None
 
     @property
     def gained(self) -> bool:

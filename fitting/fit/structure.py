@@ -27,10 +27,17 @@ SIZE_PARAM = {"spheres": "size_mean", "polyhedra": "size_mean", "crystals": "siz
 #: Weights of the structure terms (each term is about 1 when the render is clearly off):
 #: size off by a factor 1.5, coverage off by 0.15, the other polarity, branched against separate
 #: particles (0.3 for round against faceted).
-#: ``imaging``: the material is of an instrument kind the image cues argue against;
 #: ``cluster``: connected clusters (agglomerates) off by a factor 1.5 in equivalent diameter.
-STRUCTURE_TERMS = {"size": 1.0, "coverage": 1.0, "polarity": 1.0, "shape": 1.0, "imaging": 1.0,
-                   "cluster": 0.25}
+#: The instrument enters only through what the render shows too (polarity, ring outlines);
+#: see docs/decisions.md, "Fit: measurement steering", for the cues left out.
+STRUCTURE_TERMS = {"size": 1.0, "coverage": 1.0, "polarity": 1.0, "shape": 1.0, "cluster": 0.25}
+#: The reference measurement's confidence that scales each term: a number the measurement
+#: itself doubts (watershed and granulometry disagreeing on the size, say) steers less.
+TERM_CONFIDENCE = {"size": "diameter", "cluster": "diameter", "coverage": "coverage", "polarity": "polarity",
+                   "shape": "shape"}
+#: Share of a term's weight kept at zero confidence, so that an empty or grossly wrong render
+#: still ranks behind.
+CONFIDENCE_FLOOR = 0.5
 
 
 @dataclass
@@ -48,9 +55,6 @@ class StructureTarget:
 
     measurement: object
     render_per_reference_px: float
-    usable: bool
-    imaging_kinds: tuple[str, ...] = ("sem", "tem", "optical")
-    imaging_confidence: float = 0.0
     details: dict = field(default_factory=dict)
 
     @property
@@ -58,6 +62,12 @@ class StructureTarget:
         """The measured median diameter in working-scale (render) pixels."""
         d = self.measurement.median_px
         return None if d is None else float(d) * self.render_per_reference_px
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """:data:`STRUCTURE_TERMS` scaled by the measurement's confidence in each number
+        (:data:`TERM_CONFIDENCE`, never below :data:`CONFIDENCE_FLOOR`)."""
+        return confidence_weights(self.measurement.confidence)
 
     @property
     def coverage(self) -> float:
@@ -70,6 +80,18 @@ class StructureTarget:
     @property
     def shape_class(self) -> str | None:
         return self.measurement.shape.get("class")
+
+
+def confidence_weights(confidence: dict, floor: float = CONFIDENCE_FLOOR,
+                       base: dict[str, float] | None = None) -> dict[str, float]:
+    """Term weights ``base`` (default :data:`STRUCTURE_TERMS`) scaled by
+    ``floor + (1 - floor) * confidence`` of the number each term compares."""
+    base = STRUCTURE_TERMS if base is None else base
+    out = {}
+    for k, w in base.items():
+        c = float(confidence.get(TERM_CONFIDENCE.get(k, ""), 1.0))
+        out[k] = w * (floor + (1.0 - floor) * min(max(c, 0.0), 1.0))
+    return out
 
 
 def cluster_area(m) -> float | None:
@@ -217,15 +239,15 @@ def target_cluster_area(target: StructureTarget) -> float | None:
     return None if a is None else a * target.render_per_reference_px ** 2
 
 
-def structure_terms(target: StructureTarget, render_measurement, imaging: str | None = None) -> dict[str, float]:
+def structure_terms(target: StructureTarget, render_measurement) -> dict[str, float]:
     """Each structure term of a render's measurement against the reference's (0 = same).
 
-    ``imaging`` is the rendered material's instrument kind: the ``imaging`` term is the image
-    cues' confidence when that kind is not among the kinds they suggest."""
+    The instrument enters through what both images show, measured the same way (polarity,
+    ring outlines): a cue read off the reference alone would penalise a material whose
+    renders show that cue too."""
     m = render_measurement
     ref = target.measurement
-    off_kind = float(target.imaging_confidence) if imaging and imaging not in target.imaging_kinds else 0.0
-    terms = {"size": 0.0, "coverage": 0.0, "polarity": 0.0, "shape": 0.0, "imaging": off_kind, "cluster": 0.0}
+    terms = {"size": 0.0, "coverage": 0.0, "polarity": 0.0, "shape": 0.0, "cluster": 0.0}
     if m is None or m.median_px is None or m.count == 0:
         # Nothing measurable on the render where the reference has particles: the empty or
         # smooth field the texture descriptor alone tends to rate close. The worst size and
@@ -235,10 +257,12 @@ def structure_terms(target: StructureTarget, render_measurement, imaging: str | 
     d_t = target.diameter_render
     if d_t:
         terms["size"] = abs(math.log(float(m.median_px) / d_t)) / math.log(1.5)
-    terms["coverage"] = abs(float(m.coverage) - ref.coverage) / 0.15
+    # Coverage off by 0.15, or by a factor 3 in a sparse field (0.003 against 0.03 is a
+    # handful of particles against dozens, though only 0.03 apart).
+    c_r, c_t = float(m.coverage), float(ref.coverage)
+    terms["coverage"] = max(abs(c_r - c_t) / 0.15, abs(math.log((c_r + 0.01) / (c_t + 0.01))) / math.log(3.0))
     if ref.polarity != m.polarity:
-        # The instrument cue comes from the same polarity: count the evidence once.
-        terms["polarity"], terms["imaging"] = 1.0, 0.0
+        terms["polarity"] = 1.0
     a, b = ref.shape.get("class"), m.shape.get("class")
     if a and b and a != b:
         # Chains or aggregates against separate particles is a different kind of specimen;

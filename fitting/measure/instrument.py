@@ -13,11 +13,11 @@ file's vendor tags decide when they name the technique, and else the image's own
 * other particles brighter than the background are SEM secondary-electron images (edges and
   tops emit more electrons than the substrate).
 
-A user's choice, a tag, an aperture, dark rings or ring outlines restrict the candidates to
-that kind (``hard``); bright or dark particles alone only make the other kinds' materials start
-behind in the ranking, since
-a dark-on-light SEM image or an optical probe image without its aperture exist. The result
-always says which cue decided.
+A user's choice, a tag or an aperture restrict the candidates to that kind (``hard``). The
+other cues are reported and never exclude a material: SEM detector shadows also darken the
+substrate next to a particle, and a dark-on-light SEM image or an optical probe image without
+its aperture exist. The fit compares each candidate render's polarity and outlines with the
+reference's instead. The result always says which cue decided.
 """
 from __future__ import annotations
 
@@ -167,25 +167,37 @@ def guess_imaging(choice: str | None = "auto", *, tag_kind: str | None = None, t
                             confidence=0.9)
     if polarity == "bright" and dark_rings and polarity_confidence >= 0.3:
         return ImagingGuess(("optical",), "rings", "optical: bright particles ringed by dark halos (bright-field "
-                            "refraction rings)", confidence=float(polarity_confidence), details={"polarity": polarity})
+                            "refraction rings)", confidence=float(polarity_confidence), hard=False,
+                            details={"polarity": polarity})
     if polarity in _KINDS_BY_POLARITY and polarity_confidence >= 0.3:
         kinds = _KINDS_BY_POLARITY[polarity]
         words = {"bright": "particles brighter than a dark background (secondary-electron contrast)",
                  "dark": "particles darker than a light background (bright-field transmission)",
                  "outline": "ring-shaped particle outlines (optical bright field)"}[polarity]
-        # Ring outlines exist only in optical bright field; plain polarity only ranks.
         return ImagingGuess(kinds, "polarity", f"{'/'.join(k.upper() for k in kinds)}: {words}",
-                            confidence=float(polarity_confidence), hard=polarity == "outline",
-                            details={"polarity": polarity})
+                            confidence=float(polarity_confidence), hard=False, details={"polarity": polarity})
     return ImagingGuess(IMAGING_KINDS, "none", "no cue was clear enough: every instrument kind is a candidate",
                         confidence=0.0, hard=False)
 
 
+def ring_status(gray, measurement, valid=None) -> bool | None:
+    """Whether the measured bright particles are ringed by dark halos (:func:`dark_ring_contrast`);
+    None when the particles are not bright or none were found. Cached in the measurement's
+    ``diagnostics["ringed"]``, so the reference and each candidate render are looked at once."""
+    if measurement is None:
+        return None
+    if "ringed" in measurement.diagnostics:
+        return measurement.diagnostics["ringed"]
+    ringed = None
+    if measurement.polarity == "bright" and measurement.count:
+        ringed = dark_ring_contrast(gray, measurement.labels, valid, measurement.median_px)["ringed"]
+    measurement.diagnostics["ringed"] = ringed
+    return ringed
+
+
 def guess_imaging_of(ref, measurement, choice: str | None = "auto") -> ImagingGuess:
     """:func:`guess_imaging` from a loaded reference and its particle measurement."""
-    rings = False
-    if measurement is not None and measurement.polarity == "bright" and measurement.count:
-        rings = dark_ring_contrast(ref.cropped, measurement.labels, ref.cropped_mask, measurement.median_px)["ringed"]
+    rings = bool(ring_status(ref.cropped, measurement, ref.cropped_mask))
     return guess_imaging(choice, tag_kind=ref.imaging_tag, tag_cue=ref.imaging_tag_cue,
                          aperture=ref.valid_mask is not None,
                          polarity=None if measurement is None else measurement.polarity,
