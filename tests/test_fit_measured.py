@@ -122,6 +122,20 @@ def test_finish_geometry_brings_a_refined_candidate_to_the_measured_size():
     assert rendered_size_param(mat, cand.x_final) < 20.0
 
 
+def test_branched_references_are_judged_on_a_larger_field():
+    """Aggregates larger than a ranking render are judged on a render of twice the side at the
+    same pixel scale; separate particles on the ranking render itself."""
+    from types import SimpleNamespace
+    from fitting.fit.pipeline import JUDGE_FIELD, judge_field_scene
+    from fitting.materials.scene import MaterialScene, RenderSettings
+    scene = MaterialScene(get_material("tem_carbon_black"), RenderSettings(size=128, spp=2, layout_seed=4))
+    branched = StructureTarget(SimpleNamespace(shape={"class": "branched"}), 1.0)
+    field = judge_field_scene(scene, branched)
+    assert field.settings.size == JUDGE_FIELD * 128 and field.settings.layout_seed == 4
+    assert judge_field_scene(scene, StructureTarget(SimpleNamespace(shape={"class": "round"}), 1.0)) is scene
+    assert judge_field_scene(scene, None) is scene
+
+
 def test_imaging_guess_says_which_cue_decided():
     assert guess_imaging("tem").cue == "user" and guess_imaging("tem").kinds == ("tem",)
     assert guess_imaging("auto", tag_kind="sem", tag_cue="Zeiss").cue == "tags"

@@ -355,22 +355,42 @@ def restrict_to_imaging(lib: dict, guess) -> dict:
     return lib
 
 
+#: Where the reference's particles form branched aggregates, the refined candidates are
+#: measured on a render this many times the ranking render's side (same pixel scale, a larger
+#: field): a 256 px render cannot hold an aggregate as large as a sparse TEM field's, and its
+#: clusters would measure as separate particles. Elsewhere the ranking render's field is kept:
+#: on SEM renders the larger field's threshold moved the measured coverage more than it helped.
+JUDGE_FIELD = 2
+
+
+def judge_field_scene(scene, structure=None):
+    """The scene the refined candidates are measured on: ``scene`` itself, or the same material
+    at the same pixel scale :data:`JUDGE_FIELD` times larger where ``structure``'s measured
+    particles are branched."""
+    import dataclasses as dc
+    from fitting.materials.scene import MaterialScene
+    if structure is None or structure.shape_class != "branched":
+        return scene
+    return MaterialScene(scene.material, dc.replace(scene.settings, size=JUDGE_FIELD * scene.settings.size))
+
+
 def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,
                     desc=None, target_descriptor=None) -> None:
     """Measure the candidate's final render; its score is :func:`combined_score` of its final
     distance (relative to ``baseline``, the ranking's median distance at its working scale)
-    and the structure distance. Refinement that made the render measure worse by more than
-    it gained in distance (an emptier or smoother field, say) is undone. With ``desc`` and
-    ``target_descriptor``, the geometry is then corrected (:func:`finish_geometry`)."""
+    and the structure distance, measured on :func:`judge_field_scene`'s render.
+    Refinement that made the render measure worse by more than it gained in distance (an
+    emptier or smoother field, say) is undone. With ``desc`` and ``target_descriptor``, the
+    geometry is then corrected (:func:`finish_geometry`)."""
     from fitting.fit.candidates import measure_render
     if structure is None:
         cand.score = cand.distance_final
         return
-    img = scene.render_numpy(cand.x_final, seed=EVAL_SEEDS[0])
-    terms = structure_terms(structure, measure_render(img))
+    field = judge_field_scene(scene, structure)
+    terms = structure_terms(structure, measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0])))
     s_final = structure_distance(terms, structure.weights)
     if cand.gained:
-        t0 = structure_terms(structure, measure_render(scene.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])))
+        t0 = structure_terms(structure, measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])))
         s0 = structure_distance(t0, structure.weights)
         if combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
                 combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
@@ -380,7 +400,7 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
     cand.structure_terms, cand.structure_distance = terms, s_final
     cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
     if desc is not None and target_descriptor is not None:
-        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor)
+        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field)
 
 
 #: Geometry correction steps after refinement (each: one render to measure, two to describe).
@@ -388,23 +408,25 @@ FINISH_STEPS = 2
 
 
 def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baseline: float, desc,
-                    target_descriptor) -> None:
-    """Correct the refined candidate's particle size and coverage until its render measures
-    like the reference (refinement changes blur, contrast and noise, which move the measured
-    edges, but never the geometry), keeping each step only when the combined score improves."""
+                    target_descriptor, field=None) -> None:
+    """Correct the refined candidate's particle size and coverage until its render (``field``,
+    default :func:`judge_field_scene`) measures like the reference (refinement changes blur,
+    contrast and noise, which move the measured edges, but never the geometry), keeping each
+    step only when the combined score improves."""
     from fitting.fit.candidates import CORRECT_ABOVE, measure_render
     from fitting.fit.refine import evaluate_distance
     from fitting.fit.structure import correct_geometry
     mat = scene.material
+    field = field or judge_field_scene(scene, structure)
     for _ in range(FINISH_STEPS):
         terms = cand.structure_terms or {}
         if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE:
             return
-        m = measure_render(scene.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
+        m = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
         x_new = correct_geometry(mat, cand.x_final, structure, m)
         if np.allclose(x_new, cand.x_final, atol=1e-4):
             return
-        t_new = structure_terms(structure, measure_render(scene.render_numpy(x_new, seed=EVAL_SEEDS[0])))
+        t_new = structure_terms(structure, measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0])))
         s_new = structure_distance(t_new, structure.weights)
         d_new = evaluate_distance(scene, x_new, desc, target_descriptor)
         score = combined_score(d_new / baseline, s_new, opts.structure_weight)
