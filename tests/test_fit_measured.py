@@ -18,7 +18,6 @@ from fitting.fit.structure import (StructureTarget, impose_geometry, rendered_si
 from fitting.materials.library import get_material
 from fitting.materials.recipe import Recipe
 from fitting.measure.instrument import guess_imaging
-from fitting.measure.particles import measure_particles
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "resources" / "examples" / "example_sem.png"

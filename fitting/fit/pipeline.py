@@ -387,20 +387,22 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
         cand.score = cand.distance_final
         return
     field = judge_field_scene(scene, structure)
-    terms = structure_terms(structure, measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0])))
+    m_final = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
+    terms = structure_terms(structure, m_final)
     s_final = structure_distance(terms, structure.weights)
     if cand.gained:
-        t0 = structure_terms(structure, measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0])))
+        m0 = measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0]))
+        t0 = structure_terms(structure, m0)
         s0 = structure_distance(t0, structure.weights)
         if combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
                 combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
             cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
             cand.stopped += " (kept initial: the refined render measured further from the reference)"
-            terms, s_final = t0, s0
+            m_final, terms, s_final = m0, t0, s0
     cand.structure_terms, cand.structure_distance = terms, s_final
     cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
     if desc is not None and target_descriptor is not None:
-        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field)
+        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field, m_final)
 
 
 #: Geometry correction steps after refinement (each: one render to measure, two to describe).
@@ -408,25 +410,29 @@ FINISH_STEPS = 2
 
 
 def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baseline: float, desc,
-                    target_descriptor, field=None) -> None:
+                    target_descriptor, field=None, measurement=None) -> None:
     """Correct the refined candidate's particle size and coverage until its render (``field``,
     default :func:`judge_field_scene`) measures like the reference (refinement changes blur,
     contrast and noise, which move the measured edges, but never the geometry), keeping each
-    step only when the combined score improves."""
+    step only when the combined score improves. ``measurement`` is that render's measurement
+    at ``cand.x_final`` when the caller has it already."""
     from fitting.fit.candidates import CORRECT_ABOVE, measure_render
     from fitting.fit.refine import evaluate_distance
     from fitting.fit.structure import correct_geometry
     mat = scene.material
     field = field or judge_field_scene(scene, structure)
+    m = measurement
     for _ in range(FINISH_STEPS):
         terms = cand.structure_terms or {}
         if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE:
             return
-        m = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
+        if m is None:
+            m = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
         x_new = correct_geometry(mat, cand.x_final, structure, m)
         if np.allclose(x_new, cand.x_final, atol=1e-4):
             return
-        t_new = structure_terms(structure, measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0])))
+        m_new = measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0]))
+        t_new = structure_terms(structure, m_new)
         s_new = structure_distance(t_new, structure.weights)
         d_new = evaluate_distance(scene, x_new, desc, target_descriptor)
         score = combined_score(d_new / baseline, s_new, opts.structure_weight)
@@ -434,6 +440,7 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
             return
         cand.x_final, cand.distance_final, cand.structure_terms, cand.structure_distance, cand.score = \
             x_new, d_new, t_new, s_new, score
+        m = m_new
         cand.stopped += " (geometry corrected to the measurement)" if "corrected" not in cand.stopped else ""
 
 

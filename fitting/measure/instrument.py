@@ -182,8 +182,8 @@ def guess_imaging(choice: str | None = "auto", *, tag_kind: str | None = None, t
 
 def ring_status(gray, measurement, valid=None) -> bool | None:
     """Whether the measured bright particles are ringed by dark halos (:func:`dark_ring_contrast`);
-    None when the particles are not bright or none were found. Cached in the measurement's
-    ``diagnostics["ringed"]``, so the reference and each candidate render are looked at once."""
+    None when the particles are not bright or none were found. Kept in the measurement's
+    ``diagnostics["ringed"]`` (and read from there when present), so it is reported with it."""
     if measurement is None:
         return None
     if "ringed" in measurement.diagnostics:
