@@ -574,7 +574,7 @@ def test_bulk_preview_shows_new_layouts_with_instance_outlines(window, fitted, q
     dialog.count.setValue(2)
     dialog.render_button.click()
     qtbot.waitUntil(lambda: len(dialog.renders) == 2 and dialog.render_button.isEnabled(), timeout=60_000)
-    (img0, mask0), (img1, mask1) = dialog.renders[0], dialog.renders[1]
+    (img0, mask0), (_, mask1) = dialog.renders[0], dialog.renders[1]
     assert img0.shape == mask0.shape == (128, 128)
     assert mask0.max() > 0 and not np.array_equal(mask0, mask1)       # particles; new layout per seed
     overlay = outline_overlay(img0, mask0)

@@ -54,7 +54,7 @@ def test_registry_lists_ranges():
             assert isinstance(unit, str) and desc
     sp = GEOMETRY_KINDS["spheres"].params
     assert (sp["size_mean"].min, sp["size_mean"].max) == (3.0, 150.0)
-    assert (sp["coverage"].min, sp["coverage"].max) == (0.02, 0.75)
+    assert (sp["coverage"].min, sp["coverage"].max) == (0.002, 0.75)   # sparse bright-field colloids
     ag = GEOMETRY_KINDS["agglomerates"].params
     assert (ag["fractal_dim"].min, ag["fractal_dim"].max) == (1.5, 2.8)
     assert (ag["primary_count"].min, ag["primary_count"].max) == (3.0, 200.0)
@@ -123,7 +123,9 @@ def test_layout_is_valid_mesh(kind, which):
     clus_min = np.full(lay.cluster.max() + 1, np.inf)
     np.minimum.at(clus_min, lay.cluster, minz[1:])
     scale = np.maximum(lay.radii.max(), 1.0)
-    assert np.all(np.abs(clus_min[1:]) < 1e-4 * scale + 1e-3), "an agglomerate/particle floats or sinks"
+    # (the upper layers of a pile rest on the beads below: tests/test_library_reach.py)
+    bottom = clus_min[1:] < 0.5 * lay.radii if lay.info.get("layers", 1) > 1 else slice(None)
+    assert np.all(np.abs(clus_min[1:][bottom]) < 1e-4 * scale + 1e-3), "an agglomerate/particle floats or sinks"
     # outward, counter-clockwise faces: geometric normals agree with the shading normals and
     # point away from the particle centre (all primitives are convex)
     tri = lay.vertices[lay.faces].astype(np.float64)

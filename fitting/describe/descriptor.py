@@ -109,12 +109,8 @@ _SPECS = {
 
 # Per-part scale constants of vgg16-hed: {layer: (means scale, Gram scale)}, applied to the
 # unscaled part (channel means; Gram = F F^T / (H W)) of features of the 0..255 mean-subtracted
-# input. Measured with measure_part_scales("vgg16-hed", images) on 28 images of 256x256:
-#   * 4 real references of /work/shared/reference-images (both CarbonBlack TEMs, the
-#     LiCoVO4 SEM without its data bar, the ParticleMixture optical image's central square),
-#     3 tiles each at native pixel scale plus each whole (usable) image area-resized to 256;
-#   * synthetic_textures(12, 256, seed=0) (band-pass noises, disks, cells, grains).
-# Mean |difference| over all 378 pairs per part; s = w * D / (n * E), 3 significant digits.
+# input; measured with measure_part_scales("vgg16-hed", images), s = w * D / (n * E), on the
+# calibration set named in docs/decisions.md ("Descriptor scale constants").
 _HED_SCALES: dict[str, tuple[float, float]] | None = {
     "relu1_2": (20.4, 0.0776),
     "relu2_2": (56.0, 0.436),

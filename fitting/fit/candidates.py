@@ -113,6 +113,28 @@ def scale_baselines(entries: list[dict]) -> dict[int, float]:
     return {s: max(float(np.median(list(v.values()))), 1e-6) for s, v in per.items()}
 
 
+#: Geometry kinds whose particles can form branched aggregates.
+BRANCHED_KINDS = ("agglomerates",)
+
+
+def keep_branched_candidate(ranking: list[dict], lib: dict, shape_class: str | None, top_k: int) -> list[dict]:
+    """The ranking, with the best material that renders branched aggregates moved up to place
+    ``top_k`` when the reference's particles are branched and no such material is in the top ``top_k``.
+
+    A ranking render (256 px) cannot hold aggregates as large as those of a sparse TEM field, so
+    on such references it rates the materials that make them below compact particles; the refined
+    candidates are judged on a larger field (:func:`fitting.fit.pipeline.judge_field_scene`), where
+    the aggregate material can win, but only if it is among them.
+    """
+    if shape_class != "branched" or len(ranking) <= top_k:
+        return ranking
+    makes = [lib[r["material"]].geometry_kind in BRANCHED_KINDS for r in ranking]
+    if any(makes[:top_k]) or not any(makes):
+        return ranking
+    j = makes.index(True)
+    return ranking[:top_k - 1] + [ranking[j]] + [r for i, r in enumerate(ranking[top_k - 1:], top_k - 1) if i != j]
+
+
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
                    cancel: CancelToken, search_deadline: float = math.inf,
                    structures: dict[int, StructureTarget] | None = None,
@@ -209,26 +231,31 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
         keep(mid, s, x, img, terms, m_render, start="measured")
 
     n = len(lib)
-    for i, (mid, mat) in enumerate(lib.items()):
-        cancel.check("the fit")
-        pred = load_predictor(mat, backbone=desc.backbone_id,
-                              on_warning=lambda m: _emit(sink, "log", stage="rank", message=m))
-        sources[mid] = "predictor" if pred is not None else "defaults"
-        proposals[mid] = {s: (pred.predict(target.by_scale[s]["descriptor"]) if pred is not None
-                              else mat.default_vector()) for s in target.scales}
-        seen: set[bytes] = set()
-        for s in target.scales:
-            if seen and time.time() > search_deadline:
-                break   # out of ranking time: one proposal per material from here on
+    seen: dict[str, set[bytes]] = {mid: set() for mid in lib}
+    # Scales in the outer loop: every material is rendered at the first (preferred) working
+    # scale before any gets a second one, so when ranking time runs out no material is left
+    # with fewer scales because of its place in the library.
+    for k, s in enumerate(target.scales):
+        for i, (mid, mat) in enumerate(lib.items()):
+            cancel.check("the fit")
+            if k > 0 and time.time() > search_deadline:
+                break   # out of ranking time: the scales ranked so far decide
+            if mid not in proposals:
+                pred = load_predictor(mat, backbone=desc.backbone_id,
+                                      on_warning=lambda m: _emit(sink, "log", stage="rank", message=m))
+                sources[mid] = "predictor" if pred is not None else "defaults"
+                proposals[mid] = {sc: (pred.predict(target.by_scale[sc]["descriptor"]) if pred is not None
+                                       else mat.default_vector()) for sc in target.scales}
             key = np.round(proposals[mid][s], 4).tobytes() + (str(s).encode() if steer else b"")
-            if key not in seen:
-                seen.add(key)
-                consider(mid, proposals[mid][s], s)
-        r = best[mid]
-        extra = (f" (descriptor {r['descriptor_distance']:.4f}, structure {r['structure_distance']:.2f}; "
-                 f"so far)" if steer else "")
-        _emit(sink, "log", stage="rank", progress=0.05 + 0.12 * (i + 1) / n,
-              message=f"{mid}: distance {r['distance']:.4f}{extra} at scale {r['scale']}")
+            if key in seen[mid]:
+                continue
+            seen[mid].add(key)
+            consider(mid, proposals[mid][s], s)
+            r = best[mid]
+            extra = (f" (descriptor {r['descriptor_distance']:.4f}, structure {r['structure_distance']:.2f}; "
+                     f"so far)" if steer else "")
+            _emit(sink, "log", stage="rank", progress=0.05 + 0.12 * (k * n + i + 1) / (n * len(target.scales)),
+                  message=f"{mid}: distance {r['distance']:.4f}{extra} at scale {r['scale']}")
     if opts.search_sizes and not steer:
         order = sorted(best, key=lambda m: best[m]["distance"])[:max(opts.top_k, (n + 1) // 2)]
         for i, mid in enumerate(order):

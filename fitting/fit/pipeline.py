@@ -32,7 +32,7 @@ from fitting.core.events import (
     _emit,
     null_sink,
 )
-from fitting.fit.candidates import rank_materials
+from fitting.fit.candidates import keep_branched_candidate, rank_materials
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import EVAL_SEEDS, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
@@ -103,6 +103,8 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     # refinement's.
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
                              search_deadline=t_start + 0.40 * opts.budget_s, structures=structures)
+    if structures:
+        ranking = keep_branched_candidate(ranking, lib, next(iter(structures.values())).shape_class, opts.top_k)
     pool = ranking[:max(opts.top_k, opts.screen)]
     timings["rank"] = time.time() - t0
     _emit_candidates(sink, "rank", 0.25, ranking, pool, target)

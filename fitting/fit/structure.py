@@ -193,6 +193,12 @@ def impose_geometry(material, x: np.ndarray, diameter_render: float | None, cove
             put("length_mean", width * e)
         else:
             put(SIZE_PARAM.get(kind, "size_mean"), diameter_render)
+    if coverage is not None and "second_coverage" in names and "coverage" in names:
+        # The measured coverage is both populations': split it as the proposal splits it.
+        main, second = (material.spec(n).to_physical(float(x[names.index(n)])) for n in ("coverage", "second_coverage"))
+        share = second / max(main + second, 1e-9)
+        put("second_coverage", coverage * share)
+        coverage = coverage * (1.0 - share)
     put("coverage", coverage)
     if gsd is not None and kind != "agglomerates":
         put("size_gsd", gsd)
@@ -223,7 +229,8 @@ def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_me
     cur = rendered_size_param(material, x)
     cov_now = None
     if "coverage" in material.names:
-        cov_now = material.spec("coverage").to_physical(float(x[material.names.index("coverage")]))
+        cov_now = sum(material.spec(n).to_physical(float(x[material.names.index(n)]))
+                      for n in ("coverage", "second_coverage") if n in material.names)
     new_cov = None if cov_now is None else cov_now + float(np.clip(target.coverage - m.coverage, -0.25, 0.25))
     e = target.measurement.shape.get("elongation")
     # Primaries per agglomerate are left to the proposal: a ranking render (256 px) cannot hold

@@ -125,7 +125,8 @@ class SEMModel(ImagingModel):
     name = "sem"
     TRACE_PARAMS = {"detector_azimuth": 45.0, "detector_elevation": 35.0, "ao_distance": 0.5}
     SHADE_PARAMS = {"particle_brightness": 0.5, "substrate_brightness": 0.25, "edge_gain": 0.6,
-                    "edge_power": 1.2, "bump": 1.0, "detector_mix": 0.35, "ao_strength": 0.5}
+                    "edge_power": 1.2, "bump": 1.0, "detector_mix": 0.35, "ao_strength": 0.5,
+                    "second_contrast": 1.0}
     POST_PARAMS = {**COMMON_POST, "scanline": 0.01}
 
     def trace(self, r, s, tp):
@@ -159,7 +160,7 @@ class SEMModel(ImagingModel):
         # Capped: a grazing sample would otherwise add a single-sample speckle on silhouettes.
         sec = dr.minimum(dr.rcp(cos), 10.0)
         se_yield = 1.0 + P["edge_gain"] * (dr.power(sec, P["edge_power"]) - 1.0)
-        albedo = dr.select(hit, P["particle_brightness"] * 2.0 * t["albedo"],
+        albedo = dr.select(hit, P["particle_brightness"] * 2.0 * t["albedo"] * _second(P, g),
                            P["substrate_brightness"] * 2.0 * t["substrate"])
         facing = dr.maximum(n.x * g["dx"] + n.y * g["dy"] + n.z * g["dz"], 0.0)
         detector = (1.0 - P["detector_mix"]) + P["detector_mix"] * g["vis"] * facing * 1.6
@@ -191,7 +192,8 @@ class TEMModel(ImagingModel):
     # crossed and need not be built (docs/decisions.md, "Culling particles outside the field").
     lateral_reach = 0.0
     TRACE_PARAMS = {"max_crossings": 12.0}
-    SHADE_PARAMS = {"film_level": 0.85, "optical_density": 1.2, "absorb_contrast": 0.3, "film_texture": 0.1}
+    SHADE_PARAMS = {"film_level": 0.85, "optical_density": 1.2, "absorb_contrast": 0.3, "film_texture": 0.1,
+                    "diffraction": 0.0, "thickness_fringes": 0.0, "extinction": 0.5, "second_contrast": 1.0}
     POST_PARAMS = {**COMMON_POST, "fringe": 0.3, "fringe_width": 2.0}
 
     def trace(self, r, s, tp):
@@ -232,7 +234,16 @@ class TEMModel(ImagingModel):
         P = {**{k: mi.Float(v) for k, v in self.SHADE_PARAMS.items()}, **s}
         film = P["film_level"] * (1.0 + P["film_texture"] * 2.0 * (t["substrate"] - 0.5))
         mu = P["optical_density"] * dr.maximum(1.0 + P["absorb_contrast"] * 2.0 * (t["absorption"] - 0.5), 0.0)
-        return film * dr.exp(-mu * g["length"])
+        # Diffraction contrast: each crystal's orientation puts it nearer to or further from a
+        # Bragg condition, so whole particles scatter more or less (per-particle random attribute).
+        mu = mu * dr.maximum(1.0 + P["diffraction"] * 2.0 * (g["attr"] - 0.5), 0.0) * _second(P, g)
+        thickness = g["length"]
+        # Thickness fringes: intensity oscillates with the path length (extinction distance in
+        # units of the median particle diameter), seen as concentric bands in wedge-shaped edges.
+        period = dr.maximum(P["extinction"], 1e-3)
+        fringes = 1.0 - P["thickness_fringes"] * 0.5 * (1.0 - dr.cos(6.2831853 * thickness / period))
+        fringes = dr.select(thickness > 0, fringes, 1.0)
+        return film * dr.exp(-mu * thickness) * fringes
 
     def post(self, img, p, seed, noise=True):
         # Fresnel fringe (defocus): a bright halo outside dark edges = unsharp-mask overshoot.
@@ -256,8 +267,9 @@ class OpticalModel(ImagingModel):
     TRACE_PARAMS = {"ior": 1.45}
     SHADE_PARAMS = {"background": 0.8, "cone_angle": 0.35, "cone_softness": 0.1, "absorption": 0.2,
                     "transparent_share": 0.7, "opaque_level": 0.15, "reflect_strength": 0.2,
-                    "background_texture": 0.05}
-    POST_PARAMS = {**COMMON_POST, "aperture_radius": 0.0, "aperture_softness": 0.02, "outside_level": 0.02}
+                    "background_texture": 0.05, "focus_gain": 0.0, "second_contrast": 1.0}
+    POST_PARAMS = {**COMMON_POST, "aperture_radius": 0.0, "aperture_softness": 0.02, "outside_level": 0.02,
+                   "fringe": 0.0, "fringe_width": 2.0}
 
     def trace(self, r, s, tp):
         dr, mi = _mi()
@@ -296,8 +308,11 @@ class OpticalModel(ImagingModel):
         soft = dr.maximum(P["cone_softness"], 1e-3)
         accept = dr.rcp(1.0 + dr.exp(-(P["cone_angle"] - g["dev"]) / soft))
         transparent = P["background"] * g["trans"] * accept * dr.exp(-P["absorption"] * g["inner"] * 2.0 * t["absorption"])
+        # A sphere is a lens: slightly out of focus, the light it gathers makes its centre brighter
+        # than the field (the bright core of colloids in bright field); strongest for straight rays.
+        transparent = transparent * (1.0 + P["focus_gain"] * dr.exp(-dr.square(g["dev"] / 0.15)))
         # Opaque particles scatter light of their own (bright or dark blobs): an absolute level.
-        opaque = P["opaque_level"] * 2.0 * t["albedo"]
+        opaque = P["opaque_level"] * 2.0 * t["albedo"] * _second(P, g)
         # Smooth, differentiable choice: particles whose random attribute is below the share are transparent.
         w = dr.rcp(1.0 + dr.exp(-(P["transparent_share"] - g["attr"]) / 0.03))
         particle = w * transparent + (1.0 - w) * opaque + P["reflect_strength"] * g["refl"]
@@ -305,6 +320,10 @@ class OpticalModel(ImagingModel):
 
     def post(self, img, p, seed, noise=True):
         img = gaussian_blur(img, _p(p, "blur", self.POST_PARAMS), max_radius=24)
+        # Diffraction ring: defocus overshoots every edge (a dark ring around a bright core).
+        fringe = _p(p, "fringe", self.POST_PARAMS)
+        if float(fringe.detach()) != 0.0:
+            img = img + fringe * (img - gaussian_blur(img, _p(p, "fringe_width", self.POST_PARAMS), max_radius=24))
         radius = _p(p, "aperture_radius", self.POST_PARAMS)
         if float(radius.detach()) > 0:
             h, w = img.shape
@@ -316,6 +335,12 @@ class OpticalModel(ImagingModel):
         if noise:
             img = add_noise(img, p, noise_generator(seed))
         return torch.clamp(tone(img, p), 0.0, 1.0)
+
+
+def _second(P, g):
+    """Signal factor of a particle's population: 1 for the main particles, ``second_contrast``
+    for the second population (``g["pop"]`` = 1)."""
+    return 1.0 + (P["second_contrast"] - 1.0) * g["pop"]
 
 
 def _refract(d, n, eta):

@@ -300,6 +300,10 @@ class SceneRenderer:
         self.z_top = float(np.float32(layout.z_max) + np.float32(1.0)) if layout.n_triangles else 1.0
         attrs = np.concatenate([[0.0], layout.attributes.astype(np.float32)]) if len(layout.attributes) else np.zeros(1, np.float32)
         self._particle_attr = _jit_array(mi.Float, attrs)
+        pops = getattr(layout, "populations", None)           # absent on minimal layout-like objects
+        pops = np.zeros(len(attrs) - 1, np.float32) if pops is None else np.asarray(pops, np.float32)
+        pops = np.concatenate([[0.0], pops])
+        self._particle_population = _jit_array(mi.Float, pops)
         radii = layout.radii if len(layout.radii) else np.array([self.size / 20])
         # A length scale for thickness-like quantities, so absorption parameters mean the same
         # thing for 5 px and 100 px particles.
@@ -349,6 +353,7 @@ class SceneRenderer:
             g = self.imaging.trace(self, s, trace_params)
             g["x"], g["y"], g["hit"] = s.x, s.y, s.hit
             g["attr"] = dr.gather(mi.Float, self._particle_attr, s.particle)
+            g["pop"] = dr.gather(mi.Float, self._particle_population, s.particle)
             dr.eval(s.particle, *[v for v in g.values() if v is not None])
         self._last_particle = s.particle
         return g

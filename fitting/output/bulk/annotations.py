@@ -21,11 +21,11 @@ from fitting.output.bulk.files import (
     _write_text,
     is_finished,
 )
-from fitting.output.bulk.labels import CATEGORY
+from fitting.output.bulk.labels import CATEGORIES
 
 CSV_COLUMNS = ["image", "image_id", "instance_id", "area_px", "eq_diameter_mask_px", "eq_diameter_3d_px",
                "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "touches_border",
-               "n_primaries"]
+               "n_primaries", "category_id"]
 
 
 def read_sidecars(out_dir) -> list[dict]:
@@ -77,7 +77,13 @@ def build_coco(sidecars: list[dict], info: dict | None = None, rle: str = "uncom
                          "instance_id": a["instance_id"]})
     return {"info": dict(info or {}, description="matfit synthetic particle set",
                          images_folder=LAYOUT["images"]),
-            "licenses": [], "images": images, "annotations": anns, "categories": [dict(CATEGORY)]}
+            "licenses": [], "images": images, "annotations": anns, "categories": used_categories(anns)}
+
+
+def used_categories(annotations: list[dict]) -> list[dict]:
+    """The COCO categories a set uses: ``particle`` always, ``second population`` when present."""
+    used = {a["category_id"] for a in annotations} | {CATEGORIES[0]["id"]}
+    return [dict(c) for c in CATEGORIES if c["id"] in used]
 
 
 def particle_rows(sidecars: list[dict]) -> list[list]:
@@ -86,7 +92,7 @@ def particle_rows(sidecars: list[dict]) -> list[list]:
         for a in d["instances"]:
             rows.append([d["file_name"], int(d["index"]) + 1, a["instance_id"], a["area"], a["eq_diameter_mask_px"],
                          a["eq_diameter_3d_px"], a["centroid_x"], a["centroid_y"], *a["bbox"],
-                         int(a["touches_border"]), a["n_primaries"]])
+                         int(a["touches_border"]), a["n_primaries"], a.get("category_id", CATEGORIES[0]["id"])])
     return rows
 
 

@@ -134,6 +134,8 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
     by0 = np.minimum.reduceat(row0, first)
     by1 = np.maximum.reduceat(row0 + (ends - starts), first)
     radii = np.asarray(layout.radii, np.float64)
+    pops = getattr(layout, "populations", None)
+    population = np.zeros(len(radii), np.int64) if pops is None else np.asarray(pops, np.int64)
     rles = rle_counts_all(labels, k, runs)
     # per-instance values as arrays, then plain Python lists: building ~150 dicts is the cost
     a_i = area[1:].astype(np.int64)
@@ -153,7 +155,7 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
             "area": a,
             "bbox": [x0, y0, x1 - x0, y1 - y0],
             "iscrowd": 0,
-            "category_id": CATEGORY["id"],
+            "category_id": CATEGORIES[int(population[members[0] - 1])]["id"],
             # features (pixel-edge coordinates like the bbox: pixel (r, c) covers [c, c+1) x [r, r+1))
             "eq_diameter_mask_px": eq_mask[i],
             # volume-equivalent diameter of the whole particle/agglomerate (overlaps not removed)
@@ -168,3 +170,6 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
 
 
 CATEGORY = {"id": 1, "name": "particle", "supercategory": "particle"}
+#: COCO category of each population (index = ``layout.population``): a material's second
+#: population (satellites, droplets between islands) is labelled apart from its main particles.
+CATEGORIES = [CATEGORY, {"id": 2, "name": "second population", "supercategory": "particle"}]

@@ -24,7 +24,8 @@ an interruption at any moment leaves either a finished image or files that are r
 including interrupted and failed ones, so they always describe exactly the images present.
 
 COCO specifics: image ``id`` = index + 1, ``file_name`` relative to ``images/`` (pass that folder
-as the image root, e.g. to torchvision's ``CocoDetection``), one category ``particle``,
+as the image root, e.g. to torchvision's ``CocoDetection``), category ``particle`` (and ``second
+population`` for a material's second population),
 ``iscrowd`` 0, segmentations as *uncompressed* RLE (``counts`` a list of ints), which pycocotools,
 detectron2 and torchvision's detection references all read (the references cannot read
 compressed string RLE; ``rle="compressed"`` writes that instead).

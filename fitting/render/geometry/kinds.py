@@ -12,6 +12,7 @@ from fitting.render.geometry.agglomerates import (
 )
 from fitting.render.geometry.convex import _gen_crystals, _gen_polyhedra
 from fitting.render.geometry.layout import GeometryKind, GeometryParam, ParticleLayout
+from fitting.render.geometry.mixture import MIXTURE_PARAMS, add_second_population
 from fitting.render.geometry.rods import _gen_rods
 from fitting.render.geometry.spheres import _gen_ellipsoids, _gen_spheres
 
@@ -29,8 +30,11 @@ GEOMETRY_KINDS: dict[str, GeometryKind] = {
     "spheres": GeometryKind("spheres", "monolayer of log-normally sized beads, no interpenetration", {
         "size_mean": _SIZE._replace(description="geometric mean diameter"),
         "size_gsd": _GSD,
-        "coverage": _COV._replace(max=0.75, description="projected area fraction, sparse to dense monolayer"),
+        "coverage": _COV._replace(min=0.002, max=0.75, description="projected area fraction, sparse to dense monolayer"),
         "squash": _P(0.5, 1.0, 1.0, "", "height/width ratio of slightly flattened beads (1 = spheres)"),
+        "layers": _P(1.0, 4.0, 1.0, "", "layers of a settled pile: each a monolayer at `coverage`, dropped "
+                                         "onto the ones below (1 = monolayer; rounded)"),
+        "bumps": _P(0.0, 0.3, 0.0, "", "lumps on the surface and outline, as a fraction of the radius (0 = smooth)"),
     }, _gen_spheres),
     "agglomerates": GeometryKind("agglomerates", "3-D fractal aggregates of sintered spherical primaries", {
         "fractal_dim": _P(1.5, 2.8, 1.8, "", "target mass fractal dimension (tunable particle-cluster growth)"),
@@ -69,6 +73,9 @@ GEOMETRY_KINDS: dict[str, GeometryKind] = {
         "coverage": _COV._replace(default=0.25),
     }, _gen_rods),
 }
+# Every kind may carry a second population of spheres (0 coverage = none).
+for _kind_spec in GEOMETRY_KINDS.values():
+    _kind_spec.params.update(MIXTURE_PARAMS)
 
 
 def validate_geometry_params(kind: str, params: dict[str, float] | None) -> dict[str, float]:
@@ -99,6 +106,8 @@ def generate_layout(kind: str, params: dict[str, float] | None, size: int, seed:
         layout = spec.generator(p, int(size), rng)
         if layout.n_particles > 0:
             break
+    # Its own stream, so a material's main particles do not move when a second population is added.
+    layout = add_second_population(layout, p, int(size), np.random.default_rng([int(seed) % 2**63, 2]))
     layout.info["params"] = p
     layout.info["seconds"] = time.perf_counter() - t0
     return layout

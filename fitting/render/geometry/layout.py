@@ -55,6 +55,16 @@ class ParticleLayout:
     # as one merged mesh.  Empty = merged only.
     instances: list["InstanceGroup"] = field(default_factory=list)
     loose_faces: np.ndarray | None = None      # (L,) face indices outside every instance group
+    # (N,) int8 population of each particle: 0 = the material's main particles, 1 = its second
+    # population (see :mod:`fitting.render.geometry.mixture`). None = all main.
+    population: np.ndarray | None = None
+
+    @property
+    def populations(self) -> np.ndarray:
+        """(N,) int8 population per particle (zeros where the layout has a single population)."""
+        if self.population is None:
+            return np.zeros(self.n_particles, np.int8)
+        return np.asarray(self.population, np.int8)
 
     @property
     def n_particles(self) -> int:

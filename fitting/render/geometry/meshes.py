@@ -331,3 +331,64 @@ _SAGITTA_TOL = 0.25
 
 def _triangle_budget(size: float) -> int:
     return int(TRIANGLE_BUDGET_512 * max(1.0, (size / 512.0) ** 2))
+
+
+#: Lumps per bumpy sphere, their angular radius (rad) and the number of distinct lumpy meshes.
+_LUMPS = 14
+_LUMP_WIDTH = 0.42
+BUMPY_VARIANTS = 6
+
+
+@functools.lru_cache(maxsize=64)
+def _bumpy_sphere_template(level: int, amplitude: float, variant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Icosphere with lumps in its surface and outline: (positions, unit normals, faces).
+
+    Each vertex's radius is ``1 + amplitude * (h - mean h)``, ``h`` the height of the nearest of
+    ``_LUMPS`` Gaussian lumps at random directions (``variant`` seeds them); the lowest vertex
+    sits at z = -1 like a unit sphere's, so it rests on the substrate."""
+    v, f = _unit_sphere(max(int(level), 2))
+    rng = np.random.default_rng(int(variant))
+    centres = _normalize(rng.standard_normal((_LUMPS, 3)))
+    height = np.exp(-(1.0 - v @ centres.T) / (0.5 * _LUMP_WIDTH ** 2)).max(1)
+    p = v * (1.0 + amplitude * (height - height.mean()))[:, None]
+    p[:, 2] -= p[:, 2].min() + 1.0
+    face_n = np.cross(p[f[:, 1]] - p[f[:, 0]], p[f[:, 2]] - p[f[:, 0]])      # area-weighted
+    n = np.zeros_like(p)
+    for k in range(3):
+        np.add.at(n, f[:, k], face_n)
+    n = _normalize(n)
+    for arr in (p, n):
+        arr.setflags(write=False)
+    return p, n, f
+
+
+def _rotated_spheres(tp, tn, rot, s, c):
+    """World vertices and normals of k lumpy spheres: template rotated about z by ``rot`` (k,3,3),
+    scaled uniformly by ``s`` (k,) and moved to ``c`` (k,3)."""
+    v = np.einsum("kij,vj->kvi", rot, tp) * s[:, None, None] + c[:, None, :]
+    return v, np.einsum("kij,vj->kvi", rot, tn)
+
+
+def _add_bumpy_spheres(mb: _MeshBuilder, centers: np.ndarray, radii: np.ndarray, pids: np.ndarray,
+                       levels: np.ndarray, amplitude: float, rng: np.random.Generator) -> None:
+    """Lumpy spheres as instances of ``BUMPY_VARIANTS`` meshes per level, each turned about z at random."""
+    from fitting.render.geometry.sampling import _rot_z
+    amplitude = round(float(amplitude), 2)
+    variant = rng.integers(0, BUMPY_VARIANTS, len(radii))
+    theta = rng.random(len(radii)) * 2 * np.pi
+    levels = np.maximum(levels, 2)
+    for L in np.unique(levels):
+        for var in range(BUMPY_VARIANTS):
+            sel = np.flatnonzero((levels == L) & (variant == var))
+            if sel.size == 0:
+                continue
+            tp, tn, tf = _bumpy_sphere_template(int(L), amplitude, var)
+            rot, s, c = _rot_z(theta[sel]), radii[sel].astype(np.float64), centers[sel].astype(np.float64)
+            # instance j = R_j (s_j / s_0) (instance 0 unrotated, centred) + R_j mean(tp) s_j + c_j
+            m = np.zeros((len(sel), 3, 4))
+            m[:, :, :3] = rot * (s / s[0])[:, None, None]
+            m[:, :, 3] = np.einsum("kij,j->ki", rot, tp.mean(0)) * s[:, None] + c
+            z_top = float(np.float32((tp[:, 2].max() * s + c[:, 2]).max()))
+            v0 = tp[None] * s[0] + c[:1, None, :]
+            mb.add(v0, tn[None], tf, pids[sel], transforms=m,
+                   expand=functools.partial(_rotated_spheres, tp, tn, rot, s, c), z_max=z_top)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from fitting.render.geometry.layout import ParticleLayout
 from fitting.render.geometry.meshes import (
+    _add_bumpy_spheres,
     _add_spheres,
     _budget_levels,
     _finish,
@@ -34,6 +36,7 @@ from fitting.render.geometry.sampling import (
 
 def _gen_spheres(p: dict, size: int, rng: np.random.Generator) -> ParticleLayout:
     gm, gsd, cov, squash = p["size_mean"], p["size_gsd"], p["coverage"], p["squash"]
+    layers = int(round(p.get("layers", 1.0)))
     rmax = 0.5 * _lognormal_max(gm, gsd)
     box, off = _field_box(size, rmax)
     est = math.pi / 4 * gm * gm * math.exp(2 * math.log(gsd) ** 2)
@@ -42,18 +45,61 @@ def _gen_spheres(p: dict, size: int, rng: np.random.Generator) -> ParticleLayout
         d = _lognormal(rng, gm, gsd, n)
         return {"d": d, "area": math.pi / 4 * d * d}
 
-    dr = _draw_until(draw, cov * box * box, est)
-    r = dr["d"] / 2
-    fp = _Footprints.discs(r)
-    pos, keep, fp, stats = _pack(fp, box, rng)
-    info = {**stats, **_coverage_info(fp, keep, box, cov)}
-    sel = np.flatnonzero(keep & _in_field(pos, fp, off, size))
-    r = r[sel]
-    centers = np.c_[pos[sel] - off, r * squash]
-    lv = _budget_levels(_sphere_level(r), _triangle_budget(size))
+    xyz, radii = np.zeros((0, 3)), np.zeros(0)
+    info: dict = {}
+    for layer in range(layers):
+        dr = _draw_until(draw, cov * box * box, est)
+        r = dr["d"] / 2
+        fp = _Footprints.discs(r)
+        pos, keep, fp, stats = _pack(fp, box, rng)
+        if layer == 0:
+            info = {**stats, **_coverage_info(fp, keep, box, cov)}
+        sel = np.flatnonzero(keep & _in_field(pos, fp, off, size))
+        z = settled_heights(pos[sel], r[sel], xyz, radii, squash)
+        xyz = np.r_[xyz, np.c_[pos[sel], z]]
+        radii = np.r_[radii, r[sel]]
+    info["layers"] = layers
+    centers = xyz - np.array([off, off, 0.0])
+    lv = _budget_levels(_sphere_level(radii), _triangle_budget(size))
     mb = _MeshBuilder()
-    _add_spheres(mb, centers, r, np.arange(1, len(r) + 1), lv, zscale=squash)
-    return _finish("spheres", size, mb, centers, r * squash ** (1 / 3), rng, info)
+    pids = np.arange(1, len(radii) + 1)
+    if p.get("bumps", 0.0) > 0:
+        _add_bumpy_spheres(mb, centers, radii, pids, lv, p["bumps"], rng)
+    else:
+        _add_spheres(mb, centers, radii, pids, lv, zscale=squash)
+    return _finish("spheres", size, mb, centers, radii * squash ** (1 / 3), rng, info)
+
+
+def settled_heights(xy: np.ndarray, r: np.ndarray, below_xyz: np.ndarray, below_r: np.ndarray,
+                    squash: float = 1.0) -> np.ndarray:
+    """Centre heights of beads dropped straight down at ``xy`` onto the beads ``below``.
+
+    Each bead stops on the highest bead it meets on its way down, or on the substrate
+    (height ``r * squash``); beads of one layer are packed apart, so they never meet each other.
+
+    Parameters
+    ----------
+    xy : (n,2) drop positions; r : (n,) radii.
+    below_xyz : (m,3) centres and below_r : (m,) radii of the beads already settled.
+    squash : height/width ratio of the beads (contact heights scale with it).
+
+    Returns the (n,) centre heights.
+    """
+    z = np.asarray(r, float) * squash
+    if len(below_r) == 0 or len(r) == 0:
+        return z
+    tree = cKDTree(below_xyz[:, :2])
+    reach = np.asarray(r) + float(below_r.max())
+    for i, near in enumerate(tree.query_ball_point(xy, reach)):
+        if not near:
+            continue
+        near = np.asarray(near)
+        d2 = ((below_xyz[near, :2] - xy[i]) ** 2).sum(1)
+        gap = (r[i] + below_r[near]) ** 2 - d2
+        ok = gap > 0
+        if ok.any():
+            z[i] = max(z[i], float((below_xyz[near[ok], 2] + squash * np.sqrt(gap[ok])).max()))
+    return z
 
 
 def _ellipse_footprints(a, b, theta) -> _Footprints:
