@@ -195,7 +195,7 @@ def impose_geometry(material, x: np.ndarray, diameter_render: float | None, cove
             put(SIZE_PARAM.get(kind, "size_mean"), diameter_render)
     if coverage is not None and "second_coverage" in names and "coverage" in names:
         # The measured coverage is both populations': split it as the proposal splits it.
-        main, second = (material.spec(n).to_physical(float(x[names.index(n)])) for n in ("coverage", "second_coverage"))
+        main, second = physical_value(material, x, "coverage"), physical_value(material, x, "second_coverage")
         share = second / max(main + second, 1e-9)
         put("second_coverage", coverage * share)
         coverage = coverage * (1.0 - share)
@@ -209,12 +209,17 @@ def impose_geometry(material, x: np.ndarray, diameter_render: float | None, cove
     return x
 
 
-def rendered_size_param(material, x: np.ndarray) -> float | None:
-    """The size parameter's physical value (render pixels) in ``x``."""
-    name = "diameter" if material.geometry_kind == "rods" else SIZE_PARAM.get(material.geometry_kind, "size_mean")
+def physical_value(material, x: np.ndarray, name: str) -> float | None:
+    """Parameter ``name``'s physical value in the normalised vector ``x`` (None if the material has none)."""
     if name not in material.names:
         return None
     return float(material.spec(name).to_physical(float(x[material.names.index(name)])))
+
+
+def rendered_size_param(material, x: np.ndarray) -> float | None:
+    """The size parameter's physical value (render pixels) in ``x``."""
+    name = "diameter" if material.geometry_kind == "rods" else SIZE_PARAM.get(material.geometry_kind, "size_mean")
+    return physical_value(material, x, name)
 
 
 def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_measurement) -> np.ndarray:
@@ -227,10 +232,9 @@ def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_me
         return x
     ratio = float(np.clip(d_t / float(m.median_px), 1 / 3, 3.0))
     cur = rendered_size_param(material, x)
-    cov_now = None
-    if "coverage" in material.names:
-        cov_now = sum(material.spec(n).to_physical(float(x[material.names.index(n)]))
-                      for n in ("coverage", "second_coverage") if n in material.names)
+    cov_now = physical_value(material, x, "coverage")
+    if cov_now is not None:
+        cov_now += physical_value(material, x, "second_coverage") or 0.0
     new_cov = None if cov_now is None else cov_now + float(np.clip(target.coverage - m.coverage, -0.25, 0.25))
     e = target.measurement.shape.get("elongation")
     # Primaries per agglomerate are left to the proposal: a ranking render (256 px) cannot hold

@@ -105,6 +105,12 @@ def add_noise(img: torch.Tensor, p: dict[str, torch.Tensor], gen: torch.Generato
     return img + std * e
 
 
+def defocus_fringe(img: torch.Tensor, strength: torch.Tensor, width: torch.Tensor, max_radius: int = 12) -> torch.Tensor:
+    """Defocus overshoot at every edge (unsharp mask): a bright halo outside dark particles, a
+    dark ring around bright ones; ``width`` is the Gaussian sigma of the overshoot in pixels."""
+    return img + strength * (img - gaussian_blur(img, width, max_radius=max_radius))
+
+
 def common_post(img, p, seed, noise=True):
     img = gaussian_blur(img, _p(p, "blur", COMMON_POST))
     if noise:
@@ -246,10 +252,8 @@ class TEMModel(ImagingModel):
         return film * dr.exp(-mu * thickness) * fringes
 
     def post(self, img, p, seed, noise=True):
-        # Fresnel fringe (defocus): a bright halo outside dark edges = unsharp-mask overshoot.
-        width = _p(p, "fringe_width", self.POST_PARAMS)
-        halo = img - gaussian_blur(img, width)
-        img = img + _p(p, "fringe", self.POST_PARAMS) * halo
+        # Fresnel fringe (defocus): a bright halo outside dark edges.
+        img = defocus_fringe(img, _p(p, "fringe", self.POST_PARAMS), _p(p, "fringe_width", self.POST_PARAMS))
         return common_post(img, p, seed, noise)
 
 
@@ -320,10 +324,10 @@ class OpticalModel(ImagingModel):
 
     def post(self, img, p, seed, noise=True):
         img = gaussian_blur(img, _p(p, "blur", self.POST_PARAMS), max_radius=24)
-        # Diffraction ring: defocus overshoots every edge (a dark ring around a bright core).
+        # Diffraction ring: a dark ring around a bright core (skipped, with its blur, when off).
         fringe = _p(p, "fringe", self.POST_PARAMS)
         if float(fringe.detach()) != 0.0:
-            img = img + fringe * (img - gaussian_blur(img, _p(p, "fringe_width", self.POST_PARAMS), max_radius=24))
+            img = defocus_fringe(img, fringe, _p(p, "fringe_width", self.POST_PARAMS), max_radius=24)
         radius = _p(p, "aperture_radius", self.POST_PARAMS)
         if float(radius.detach()) > 0:
             h, w = img.shape
