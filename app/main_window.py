@@ -29,6 +29,8 @@ from .widgets.loss_plot import LossPlot
 from .widgets.params import ParameterPanel
 from .widgets.settings_dialog import SettingsDialog
 from .widgets.size_plot import SizePanel
+from .widgets.text import format_eta
+from .widgets.validate_dialog import ValidateDialog
 
 IMAGE_FILTER = "Micrographs (*.png *.tif *.tiff *.jpg *.jpeg *.bmp *.webp);;All files (*)"
 RECIPE_FILTER = "matfit recipes (*.json);;All files (*)"
@@ -71,13 +73,6 @@ def _label(text: str, muted: bool = False) -> QLabel:
     label = QLabel(text)
     label.setStyleSheet("color: #909096;" if muted else "font-weight: 600;")
     return label
-
-
-def _format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    return f"ETA {seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"ETA {seconds} s"
 
 
 class _ReferenceLoader(QObject):
@@ -129,6 +124,8 @@ class MainWindow(QMainWindow):
         self._render_again = False
         self._bulk_request: int | None = None
         self._bulk_dialog: BulkPreviewDialog | None = None
+        self._validate_request: int | None = None
+        self._validate_dialog: ValidateDialog | None = None
         self._restart_engine_when_idle = False
         self._shown_key: tuple | None = None     # (material, x) of the render on screen
         self._render_timer = QTimer(self, singleShot=True, interval=RENDER_DEBOUNCE_MS)
@@ -171,6 +168,10 @@ class MainWindow(QMainWindow):
                                           tip="Write the recipe as a Mitsuba scene folder")
         self.bulk_action = action("Preview bulk rendering…", self.show_bulk_preview,
                                   tip="Render the recipe with new particle layouts, with instance outlines")
+        self.validate_action = action("Validate with a detector…", self.show_validate,
+                                      tip="Train a particle detector on the recipe's renders and run it on the "
+                                          "reference: does the recipe make useful training data?")
+        self.validate_action.setIconText("Validate…")
         # Shorter words on the toolbar (the menus keep the full ones): the instrument controls
         # need the room.
         self.export_scene_action.setIconText("Export scene…")
@@ -197,6 +198,7 @@ class MainWindow(QMainWindow):
         menu.addAction(self.cancel_action)
         menu.addSeparator()
         menu.addAction(self.bulk_action)
+        menu.addAction(self.validate_action)
         menu = self.menuBar().addMenu("&View")
         menu.addAction(self.fit_view_action)
 
@@ -251,6 +253,7 @@ class MainWindow(QMainWindow):
         tb.addAction(self.export_recipe_action)
         tb.addAction(self.export_scene_action)
         tb.addAction(self.bulk_action)
+        tb.addAction(self.validate_action)
         tb.addSeparator()
         tb.addAction(self.settings_action)
 
@@ -575,7 +578,7 @@ class MainWindow(QMainWindow):
             self.stage_label.setText(f"{stage}: {p.message}" if p.message else stage)
         elif p.message and p.state in ("cancelled", "failed"):
             self.stage_label.setText(p.message)
-        self.eta_label.setText(_format_eta(self.model.eta_s()))
+        self.eta_label.setText(format_eta(self.model.eta_s()))
 
     def _show_candidates(self) -> None:
         m = self.model
@@ -829,6 +832,55 @@ class MainWindow(QMainWindow):
         if self._bulk_request is not None:
             self.engine.cancel(self._bulk_request)
 
+    # ================================================================== validate
+    def show_validate(self) -> None:
+        m = self.model
+        if not m.has_document or m.reference is None:
+            return
+        if self._validate_dialog is None:
+            self._validate_dialog = ValidateDialog(self.request_validate, self._cancel_validate,
+                                                   self.default_validation_folder(), self)
+        self._validate_dialog.show()
+        self._validate_dialog.raise_()
+
+    def default_validation_folder(self) -> str:
+        """A folder per reference and material in matfit's state folder."""
+        m = self.model
+        stem = Path(m.reference.path).stem if m.reference is not None else "reference"
+        return str(state.state_dir() / "validation" / f"{stem}-{m.material.id}")
+
+    def request_validate(self, settings: dict) -> None:
+        m, dialog = self.model, self._validate_dialog
+
+        def on_event(ev) -> None:
+            if ev.kind in ("stage", "iteration", "log"):
+                dialog.progress(ev.progress, ev.message, ev.eta_s)
+
+        def done(result: dict) -> None:
+            self._validate_request = None
+            dialog.finished_with(result["report"], result["detections"], result["histogram"])
+            self._update_actions()
+
+        def failed(err: EngineError) -> None:
+            self._validate_request = None
+            dialog.stopped(f"failed: {err.message}" + (f" ({err.hint})" if err.hint else ""))
+            self._update_actions()
+
+        def cancelled() -> None:
+            self._validate_request = None
+            dialog.stopped("cancelled; run it again with the same folder to resume")
+            self._update_actions()
+
+        payload = {**m.recipe_request(), "reference": {"path": m.reference.path, "crop": m.crop_for_engine()},
+                   **settings}
+        self._validate_request = self.engine.submit("validate", payload, on_event=on_event, on_result=done,
+                                                    on_error=failed, on_cancelled=cancelled)
+        self._update_actions()
+
+    def _cancel_validate(self) -> None:
+        if self._validate_request is not None:
+            self.engine.cancel(self._validate_request)
+
     # ================================================================== engine state
     def _engine_ready(self, info: dict) -> None:
         text = f"engine: {info.get('variant', '?')}, {info.get('threads')} render thread(s)"
@@ -867,6 +919,7 @@ class MainWindow(QMainWindow):
         self.cancel_action.setEnabled(fitting)
         self.export_recipe_action.setEnabled(has_doc and not fitting)
         self.bulk_action.setEnabled(has_doc and not fitting)
+        self.validate_action.setEnabled(has_doc and m.reference is not None and not fitting)
         self.parameter_panel.setEnabled(has_doc and not fitting)
         available = self.scene_export_available
         self.export_scene_action.setEnabled(available and has_doc and not fitting)
@@ -919,6 +972,8 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802
         if self._bulk_dialog is not None:
             self._bulk_dialog.close()
+        if self._validate_dialog is not None:
+            self._validate_dialog.close()
         if self._owns_engine:
             self.engine.shutdown()
         super().closeEvent(event)

@@ -10,7 +10,8 @@ fit's pixel scale) with the measured particles outlined on the reference half.
     python benchmarks/bench_real.py                       # all images, 120 s each (~25 min)
     python benchmarks/bench_real.py --budget 60 --images CarbonBlack
 
-Writes ``benchmarks/results/real.json``, ``real.md`` and ``benchmarks/results/fits_real/*.png``.
+Writes ``benchmarks/results/real.json``, ``real.md``, and per image in ``benchmarks/results/fits_real/``
+the side-by-side PNG and the fitted recipe (``*.recipe.json``, read by ``bench_validate.py``).
 """
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def fit_one(path: Path, label: dict, budget: float, out_png: Path, options: dict
         "candidates": [c.summary() for c in res.candidates],
         "ranking": res.ranking[:6],
     }
+    # The recipe itself, so that later steps (bench_validate.py) start from this very fit.
+    recipe_path = out_png.with_suffix(".recipe.json")
+    res.recipe.save(recipe_path)
+    row["recipe"] = str(recipe_path.relative_to(ROOT)) if recipe_path.is_relative_to(ROOT) else str(recipe_path)
     if res.reference_field is not None:
         atomic_save_png(out_png, side_by_side(res.reference_field, res.render_field,
                                               labels=(f"reference {path.name}", f"fit: {res.best.material_id}"),

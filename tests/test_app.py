@@ -582,6 +582,31 @@ def test_bulk_preview_shows_new_layouts_with_instance_outlines(window, fitted, q
     dialog.close()
 
 
+def test_validate_trains_a_detector_and_shows_what_it_finds(window, fitted, qtbot, tmp_path):
+    """Fit › Validate: the dialog runs render → train → detect in the engine, with progress, and
+    shows the detections on the reference, the histograms and the numbers; files on disk."""
+    assert window.validate_action.isEnabled()
+    window.validate_action.trigger()
+    dialog = window._validate_dialog              # owned by the window
+    assert dialog.isVisible() and str(dialog.out.text()).endswith(window.model.material.id)
+    dialog.out.setText(str(tmp_path / "validation"))
+    dialog.count.setValue(6)
+    dialog.steps.setValue(30)
+    seen = []
+    dialog.bar.valueChanged.connect(seen.append)
+    dialog.run_button.click()
+    assert not dialog.run_button.isEnabled() and dialog.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: dialog.report is not None or dialog.run_button.isEnabled(), timeout=300_000)
+    assert dialog.report is not None, dialog.status.text()
+    assert dialog.report["training"]["train_images"] == 4 and dialog.report["held_out"]["images"] == 2
+    assert not dialog.detections.pixmap().isNull() and not dialog.histogram.pixmap().isNull()
+    assert "Held-out renders" in dialog.summary.text() and dialog.bar.value() == 1000
+    assert len(seen) > 3 and seen == sorted(seen)             # progress never goes back
+    assert (tmp_path / "validation" / "report.json").is_file()
+    assert window.fit_action.isEnabled()
+    dialog.close()
+
+
 def test_autosave_is_offered_at_next_start(window, fitted, qtbot):
     path = state.autosave_path()
     assert path.parent == Path(_STATE_DIR) and path.is_file()

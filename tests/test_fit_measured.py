@@ -15,7 +15,9 @@ from fitting.fit.options import FitOptions
 from fitting.fit.pipeline import fit_reference
 from fitting.fit.structure import (StructureTarget, impose_geometry, rendered_size_param, structure_distance,
                                    structure_terms, working_scale)
+from fitting.fit.results import Candidate
 from fitting.materials.library import get_material
+from fitting.materials.scene import MaterialScene, RenderSettings
 from fitting.materials.recipe import Recipe
 from fitting.measure.instrument import guess_imaging
 
@@ -128,11 +130,53 @@ def test_branched_references_are_judged_on_a_larger_field():
     from fitting.fit.pipeline import JUDGE_FIELD, judge_field_scene
     from fitting.materials.scene import MaterialScene, RenderSettings
     scene = MaterialScene(get_material("tem_carbon_black"), RenderSettings(size=128, spp=2, layout_seed=4))
-    branched = StructureTarget(SimpleNamespace(shape={"class": "branched"}), 1.0)
-    field = judge_field_scene(scene, branched)
+
+    def measured(shape, d=10.0, coverage=0.3):
+        return StructureTarget(SimpleNamespace(shape={"class": shape}, median_px=d, coverage=coverage), 1.0)
+    field = judge_field_scene(scene, measured("branched"))
     assert field.settings.size == JUDGE_FIELD * 128 and field.settings.layout_seed == 4
-    assert judge_field_scene(scene, StructureTarget(SimpleNamespace(shape={"class": "round"}), 1.0)) is scene
+    assert judge_field_scene(scene, measured("round")) is scene
     assert judge_field_scene(scene, None) is scene
+
+
+def test_sparse_references_are_judged_on_a_field_that_holds_their_particles():
+    """A field so sparse that a ranking render holds about one particle is judged on a larger
+    render (same pixel scale) that holds several at the measured coverage, up to a limit."""
+    from types import SimpleNamespace
+    from fitting.fit.pipeline import JUDGE_FIELD_MAX, JUDGE_MIN_COUNT, expected_count, judge_field_factor
+    sparse = StructureTarget(SimpleNamespace(shape={"class": "round"}, median_px=14.6, coverage=0.0033), 1.0)
+    assert expected_count(sparse, 256) == pytest.approx(0.0033 * 256 ** 2 / (np.pi / 4 * 14.6 ** 2))
+    k = judge_field_factor(sparse, 256)
+    assert 1 < k <= JUDGE_FIELD_MAX
+    assert expected_count(sparse, k * 256) >= JUDGE_MIN_COUNT
+    empty_ish = StructureTarget(SimpleNamespace(shape={"class": "round"}, median_px=20.0, coverage=1e-5), 1.0)
+    assert judge_field_factor(empty_ish, 256) == JUDGE_FIELD_MAX
+    unknown = StructureTarget(SimpleNamespace(shape={"class": None}, median_px=None, coverage=0.2), 1.0)
+    assert judge_field_factor(unknown, 256) == 1
+
+
+def test_refinement_that_empties_the_render_is_undone(monkeypatch):
+    """A refined render with no measurable particle, where the initial render had some, is
+    never the result, however much closer its texture distance came."""
+    from types import SimpleNamespace
+    import fitting.fit.candidates as candidates_module
+    from fitting.fit.pipeline import judge_structure
+    mat = get_material("optical_brightfield_colloids")
+    scene = MaterialScene(mat, RenderSettings(size=64, spp=1, layout_seed=0))
+    ref = SimpleNamespace(shape={"class": "round"}, median_px=14.0, coverage=0.05, polarity="dark",
+                          count=20, confidence={})
+    structure = StructureTarget(ref, 1.0)
+    x0, x1 = mat.default_vector(), mat.default_vector()
+    x1[0] = min(1.0, x1[0] + 0.1)
+    particles = SimpleNamespace(count=20, median_px=14.0, coverage=0.05, polarity="dark", shape={"class": "round"})
+    empty = SimpleNamespace(count=0, median_px=None, coverage=0.0, polarity="dark", shape={"class": None})
+    seen = iter([empty, particles])                 # the final render first, then the initial one
+    monkeypatch.setattr(candidates_module, "measure_render", lambda img, method="auto": next(seen))
+    cand = Candidate(material_id=mat.id, scale=256, x_initial=x0, distance_initial=1.0, predictor="default")
+    cand.x_final, cand.distance_final = x1, 0.01   # a hundred times closer in texture, and empty
+    judge_structure(cand, scene, structure, FitOptions(structure_weight=0.0))
+    assert np.allclose(cand.x_final, x0) and cand.distance_final == 1.0
+    assert "no measurable particles" in cand.stopped
 
 
 def test_imaging_guess_says_which_cue_decided():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 FITTING = Path(__file__).resolve().parents[1] / "fitting"
 # Stages in flow order: a package may import itself and the packages before it, never after.
-ORDER = ["core", "reference", "measure", "describe", "render", "materials", "fit", "output", "cli"]
+ORDER = ["core", "reference", "measure", "describe", "render", "materials", "fit", "output", "validate", "cli"]
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -1,4 +1,4 @@
-"""`matfit` command line: doctor, library, sample, render, fit, compare, train, bulk, score.
+"""`matfit` command line: doctor, library, sample, render, measure, fit, compare, train, bulk, score, validate.
 
 Every user-facing failure is a MatfitError: printed as one clear message (and a hint) on
 stderr, exit code non-zero, no traceback. Long commands show a progress bar on stderr and
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.set_defaults(func=cmd_render)
 
-    from fitting.cli import bulk, fit, measure, train
-    for mod in (measure, fit, train, bulk):
+    from fitting.cli import bulk, fit, measure, train, validate
+    for mod in (measure, fit, train, bulk, validate):
         mod.register(sub)
     return p
 

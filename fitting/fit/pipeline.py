@@ -19,6 +19,7 @@ Emits :class:`FitEvent`s; honours a :class:`CancelToken` between iterations.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -363,17 +364,46 @@ def restrict_to_imaging(lib: dict, guess) -> dict:
 #: clusters would measure as separate particles. Elsewhere the ranking render's field is kept:
 #: on SEM renders the larger field's threshold moved the measured coverage more than it helped.
 JUDGE_FIELD = 2
+#: Fewest reference particles the judged render should hold at the measured coverage and size:
+#: in a sparser field a ranking render holds one particle or none, and every candidate, right
+#: or empty, measures the same. Such references are judged on a field up to
+#: :data:`JUDGE_FIELD_MAX` times the ranking render's side.
+JUDGE_MIN_COUNT = 8.0
+JUDGE_FIELD_MAX = 4
+
+
+def expected_count(structure, render_size: int) -> float | None:
+    """How many of the reference's particles a ``render_size`` px render at the working scale
+    holds at the measured coverage and median diameter (None when either is unknown)."""
+    d = structure.diameter_render
+    if not d or structure.coverage <= 0.0:
+        return None
+    return structure.coverage * float(render_size) ** 2 / (math.pi / 4.0 * d * d)
+
+
+def judge_field_factor(structure, render_size: int) -> int:
+    """How many times the ranking render's side the refined candidates are judged on:
+    :data:`JUDGE_FIELD` for branched particles, enough for :data:`JUDGE_MIN_COUNT` particles
+    in a sparse field (at most :data:`JUDGE_FIELD_MAX`), else 1."""
+    if structure is None:
+        return 1
+    k = JUDGE_FIELD if structure.shape_class == "branched" else 1
+    n = expected_count(structure, render_size)
+    if n is not None and n < JUDGE_MIN_COUNT:
+        k = max(k, min(JUDGE_FIELD_MAX, int(math.ceil(math.sqrt(JUDGE_MIN_COUNT / max(n, 1e-6))))))
+    return k
 
 
 def judge_field_scene(scene, structure=None):
     """The scene the refined candidates are measured on: ``scene`` itself, or the same material
-    at the same pixel scale :data:`JUDGE_FIELD` times larger where ``structure``'s measured
-    particles are branched."""
+    at the same pixel scale on a field :func:`judge_field_factor` times larger (branched
+    particles, sparse fields)."""
     import dataclasses as dc
     from fitting.materials.scene import MaterialScene
-    if structure is None or structure.shape_class != "branched":
+    k = judge_field_factor(structure, scene.settings.size)
+    if k == 1:
         return scene
-    return MaterialScene(scene.material, dc.replace(scene.settings, size=JUDGE_FIELD * scene.settings.size))
+    return MaterialScene(scene.material, dc.replace(scene.settings, size=k * scene.settings.size))
 
 
 def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,
@@ -382,7 +412,9 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
     distance (relative to ``baseline``, the ranking's median distance at its working scale)
     and the structure distance, measured on :func:`judge_field_scene`'s render.
     Refinement that made the render measure worse by more than it gained in distance (an
-    emptier or smoother field, say) is undone. With ``desc`` and ``target_descriptor``, the
+    emptier or smoother field, say) is undone, and so is refinement that left no measurable
+    particle where the initial render had some: the reference has particles (its measurement
+    steers the fit), and no gain in texture distance makes an empty field a match. With ``desc`` and ``target_descriptor``, the
     geometry is then corrected (:func:`finish_geometry`)."""
     from fitting.fit.candidates import measure_render
     if structure is None:
@@ -396,15 +428,22 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
         m0 = measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0]))
         t0 = structure_terms(structure, m0)
         s0 = structure_distance(t0, structure.weights)
-        if combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
+        emptied = not has_particles(m_final) and has_particles(m0)
+        if emptied or combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
                 combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
             cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
-            cand.stopped += " (kept initial: the refined render measured further from the reference)"
+            cand.stopped += (" (kept initial: the refined render has no measurable particles)" if emptied else
+                             " (kept initial: the refined render measured further from the reference)")
             m_final, terms, s_final = m0, t0, s0
     cand.structure_terms, cand.structure_distance = terms, s_final
     cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
     if desc is not None and target_descriptor is not None:
         finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field, m_final)
+
+
+def has_particles(m) -> bool:
+    """Whether a render's measurement found any particle."""
+    return m is not None and m.count > 0 and m.median_px is not None
 
 
 #: Geometry correction steps after refinement (each: one render to measure, two to describe).

@@ -144,6 +144,10 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
     members_all = np.concatenate(groups)
     vol = np.add.reduceat(radii[members_all - 1] ** 3, np.cumsum([0] + [len(g) for g in groups[:-1]]))
     eq_3d = [round(v, 4) for v in (2.0 * np.cbrt(vol)).tolist()]
+    # the particle's own projected centre and radius (pixel-edge coordinates), for single
+    # particles: where neighbours hide part of it, the mask's centroid is not its centre
+    px_per_unit = w / float(layout.size) if getattr(layout, "size", 0) else 1.0
+    centres = np.asarray(getattr(layout, "centers", np.zeros((0, 3))), np.float64)
     cxs = [round(v + 0.5, 4) for v in (cx[1:] / a_i).tolist()]
     cys = [round(v + 0.5, 4) for v in (cy[1:] / a_i).tolist()]
     size = [int(h), int(w)]
@@ -166,6 +170,11 @@ def instance_records(labels: np.ndarray, groups: list[np.ndarray], layout) -> li
             "n_primaries": len(members),
             "particle_ids": members.tolist(),
         })
+        if len(members) == 1 and len(centres):
+            j = int(members[0]) - 1
+            out[-1].update(centre_x=round(float(centres[j, 0]) * px_per_unit, 4),
+                           centre_y=round((float(layout.size) - float(centres[j, 1])) * px_per_unit, 4),
+                           radius_px=round(float(radii[j]) * px_per_unit, 4))
     return out
 
 
