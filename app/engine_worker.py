@@ -25,7 +25,6 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -256,8 +255,6 @@ class EngineBackend:
     def op_validate(self, req: dict, emit, cancel) -> dict:
         """Render a training set from the shown recipe, train a detector, run it on the
         reference (``fitting.validate``). Renders inline: this process is already the engine."""
-        import cv2
-
         from fitting.reference.loading import load_reference
         from fitting.validate.run import ValidationSettings, validate_recipe
         from fitting.validate.training import TrainingSettings
@@ -267,9 +264,7 @@ class EngineBackend:
                                       training=TrainingSettings(steps=int(req["steps"])))
         report = validate_recipe(recipe_for(req), ref, req["out"], settings, annotations=req.get("annotations"),
                                  on_event=emit, cancel=cancel)
-        histogram = cv2.imread(str(Path(report.out_dir) / report.files["histogram"]), cv2.IMREAD_COLOR)
-        return {"report": report.to_dict(), "detections": report.overlay,
-                "histogram": None if histogram is None else histogram[..., ::-1].copy()}
+        return {"report": report.to_dict(), "detections": report.overlay, "histogram": report.histogram}
 
     def op_save_recipe(self, req: dict, emit, cancel) -> dict:
         return {"path": str(recipe_for(req).save(req["path"]))}

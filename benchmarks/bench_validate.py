@@ -93,7 +93,7 @@ def run_held_out(args) -> tuple[list[dict], str]:
     from fitting.materials.library import load_library
     from fitting.materials.recipe import Recipe
     from fitting.output.bulk import render_dataset
-    from fitting.validate.run import held_out_scores
+    from fitting.validate.run import held_out_count, held_out_scores
     from fitting.validate.trainset import load_training_set
     from fitting.validate.training import train_detector
     rows = []
@@ -108,7 +108,7 @@ def run_held_out(args) -> tuple[list[dict], str]:
         render_dataset(rec, work / "renders", s.count, seed=s.seed, instances="primary")
         images, labels, disks = load_training_set(work / "renders", list(range(s.count)))
         t1 = time.time()
-        n_held = max(2, int(round(s.held_out * s.count)))
+        n_held = held_out_count(s)
         det = train_detector(images[:-n_held], labels[:-n_held], s.training, disks=disks[:-n_held])
         t2 = time.time()
         h = held_out_scores(det, images[-n_held:], labels[-n_held:])

@@ -37,8 +37,8 @@ from fitting.fit.candidates import keep_branched_candidate, rank_materials
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import EVAL_SEEDS, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
-from fitting.fit.structure import (StructureTarget, combined_score, measurement_is_usable, size_summary, structure_distance,
-                                   structure_terms, working_scales)
+from fitting.fit.structure import (StructureTarget, combined_score, has_particles, measurement_is_usable, size_summary,
+                                   structure_distance, structure_terms, working_scales)
 from fitting.fit.target import ReferenceTarget, thumbnail
 from fitting.measure.instrument import guess_imaging_of
 
@@ -414,8 +414,8 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
     Refinement that made the render measure worse by more than it gained in distance (an
     emptier or smoother field, say) is undone, and so is refinement that left no measurable
     particle where the initial render had some: the reference has particles (its measurement
-    steers the fit), and no gain in texture distance makes an empty field a match. With ``desc`` and ``target_descriptor``, the
-    geometry is then corrected (:func:`finish_geometry`)."""
+    steers the fit), and no gain in texture distance makes an empty field a match. With
+    ``desc`` and ``target_descriptor``, the geometry is then corrected (:func:`finish_geometry`)."""
     from fitting.fit.candidates import measure_render
     if structure is None:
         cand.score = cand.distance_final
@@ -439,11 +439,6 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
     cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
     if desc is not None and target_descriptor is not None:
         finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field, m_final)
-
-
-def has_particles(m) -> bool:
-    """Whether a render's measurement found any particle."""
-    return m is not None and m.count > 0 and m.median_px is not None
 
 
 #: Geometry correction steps after refinement (each: one render to measure, two to describe).

@@ -259,7 +259,7 @@ def structure_terms(target: StructureTarget, render_measurement) -> dict[str, fl
     m = render_measurement
     ref = target.measurement
     terms = {"size": 0.0, "coverage": 0.0, "polarity": 0.0, "shape": 0.0, "cluster": 0.0}
-    if m is None or m.median_px is None or m.count == 0:
+    if not has_particles(m):
         # Nothing measurable on the render where the reference has particles: the empty or
         # smooth field the texture descriptor alone tends to rate close. The worst size and
         # coverage terms.
@@ -284,6 +284,11 @@ def structure_terms(target: StructureTarget, render_measurement) -> dict[str, fl
         a_r = cluster_area(m) or math.pi / 4.0 * float(m.median_px) ** 2   # no clusters: single particles
         terms["cluster"] = abs(0.5 * math.log(a_r / a_t)) / math.log(1.5)
     return {k: float(min(v, 3.0)) for k, v in terms.items()}
+
+
+def has_particles(m) -> bool:
+    """Whether a measurement found any particle with a size."""
+    return m is not None and m.count > 0 and m.median_px is not None
 
 
 def combined_score(descriptor_distance: float, structure_distance_: float, weight: float) -> float:

@@ -40,11 +40,8 @@ def overlay_outlines(gray, labels, *, color=(255, 40, 40), cut_color=(40, 160, 2
     if valid is not None:
         v = np.asarray(valid, bool)
         rgb[~v] = (rgb[~v] * 0.35).astype(np.uint8)
-    edge = np.zeros(g.shape, bool)
-    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-    if valid is not None:
-        from scipy import ndimage as ndi
-        edge |= ndi.binary_dilation(~np.asarray(valid, bool))
+    from fitting.measure.particles import edge_zone
+    edge = edge_zone(np.ones(g.shape, bool) if valid is None else np.asarray(valid, bool))
     cut = np.isin(lab, np.unique(lab[edge & (lab > 0)]))
     bound = segmentation.find_boundaries(lab, mode="inner") & (lab > 0)
     if thickness > 1:

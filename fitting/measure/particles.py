@@ -823,7 +823,7 @@ def _shape_class(circ: float, sol: float, elong: float, branched: bool) -> str:
     return "faceted"             # convex but with straight edges and corners
 
 
-def _edge_zone(valid: np.ndarray) -> np.ndarray:
+def edge_zone(valid: np.ndarray) -> np.ndarray:
     """Image frame plus the 1-px rim of the invalid region: particles touching it are cut."""
     edge = ndi.binary_dilation(~valid) if not valid.all() else np.zeros(valid.shape, bool)
     edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
@@ -833,7 +833,7 @@ def _edge_zone(valid: np.ndarray) -> np.ndarray:
 def _measure_mask(mask: np.ndarray, valid: np.ndarray, min_d: float) -> dict:
     """Instances of a mask and their size and shape descriptors (working pixels)."""
     labels = split_touching(mask, min_d)
-    cut = set(np.unique(labels[_edge_zone(valid)]).tolist()) - {0}
+    cut = set(np.unique(labels[edge_zone(valid)]).tolist()) - {0}
     props = measure.regionprops(labels)
     tiny = [p.label for p in props if p.equivalent_diameter_area < min_d and p.label not in cut]
     if tiny:
@@ -899,7 +899,7 @@ def _measure_dense(fg: dict, valid: np.ndarray, min_d: float) -> dict:
     markers = np.zeros(s.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-sm, markers, mask=valid).astype(np.int32)
-    cut = set(np.unique(labels[_edge_zone(valid)]).tolist()) - {0}
+    cut = set(np.unique(labels[edge_zone(valid)]).tolist()) - {0}
     props = [p for p in measure.regionprops(labels) if p.label not in cut]
     return {"labels": labels, "count": int(labels.max()), "n_cut": len(cut),
             "n_measured": len(props), "diam": diam, "weights": gg["volume"],

@@ -217,13 +217,9 @@ def equivalent_diameters(labels: np.ndarray, valid: np.ndarray | None = None) ->
     n = int(lab.max())
     if n == 0:
         return np.zeros(0, np.float64)
+    from fitting.measure.particles import edge_zone
     area = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
-    edge = np.zeros(lab.shape, bool)
-    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-    if valid is not None:
-        from scipy import ndimage as ndi
-        edge |= ndi.binary_dilation(~np.asarray(valid, bool))
-    cut = np.unique(lab[edge])
+    cut = np.unique(lab[edge_zone(np.ones(lab.shape, bool) if valid is None else np.asarray(valid, bool))])
     keep = np.ones(n + 1, bool)
     keep[0] = False
     keep[cut] = False

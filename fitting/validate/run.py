@@ -85,9 +85,10 @@ class ValidationReport:
     files: dict
     labels: np.ndarray | None = field(default=None, repr=False)     # working-image instance labels
     overlay: np.ndarray | None = field(default=None, repr=False)    # RGB of detections.png
+    histogram: np.ndarray | None = field(default=None, repr=False)  # RGB of histogram.png
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("labels", "overlay")}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("labels", "overlay", "histogram")}
         d["format"] = "matfit-validation/1"
         return d
 
@@ -148,7 +149,7 @@ def validate_recipe(recipe, reference, out_dir, settings: ValidationSettings | N
 
     # ---------------------------------------------------------------- train
     t0 = time.time()
-    n_held = max(2, int(round(s.held_out * s.count)))
+    n_held = held_out_count(s)
     train_img, train_lab, train_disks = images[:-n_held], labels[:-n_held], disks[:-n_held]
     held_img, held_lab = images[-n_held:], labels[-n_held:]
     key = training_key(train_img, train_lab, s.training)
@@ -213,7 +214,8 @@ def validate_recipe(recipe, reference, out_dir, settings: ValidationSettings | N
         series.append(("fit", fitted["diameters"], (90, 190, 110)))
     if annotated is not None:
         series.append(("annotations", d_truth, (235, 190, 60)))
-    atomic_save_png(out / "histogram.png", diameter_histogram_png(series, bins))
+    histogram = diameter_histogram_png(series, bins)
+    atomic_save_png(out / "histogram.png", histogram)
     files = {"renders": "renders", "detector": DETECTOR_FILE, "detections": "detections.png",
              "labels": "detections.tif", "histogram": "histogram.png", "report": REPORT_FILE}
     report = ValidationReport(
@@ -222,12 +224,18 @@ def validate_recipe(recipe, reference, out_dir, settings: ValidationSettings | N
         training={**{k: v for k, v in detector.meta.items() if k != "settings"},
                   "train_images": int(len(train_img)), "held_out_images": int(n_held)},
         held_out=held, detected=detected, measured=_strip(measured), fitted=_strip(fitted), annotations=ann,
-        timings={k: round(v, 2) for k, v in timings.items()}, files=files, labels=found, overlay=overlay)
+        timings={k: round(v, 2) for k, v in timings.items()}, files=files, labels=found, overlay=overlay,
+        histogram=histogram)
     import json
     atomic_write_text(out / REPORT_FILE, json.dumps(report.to_dict(), indent=1, default=_json_default) + "\n")
     _emit(sink, "finished", stage="detect", progress=1.0,
           message=_summary_line(report), data={"report": report.to_dict()})
     return report
+
+
+def held_out_count(settings: ValidationSettings) -> int:
+    """How many of the rendered images are kept out of training (the last ones)."""
+    return max(2, int(round(settings.held_out * settings.count)))
 
 
 def _scaled(sink: EventSink, p0: float, p1: float) -> EventSink:
