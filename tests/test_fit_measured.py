@@ -123,32 +123,63 @@ def test_finish_geometry_brings_a_refined_candidate_to_the_measured_size():
     assert rendered_size_param(mat, cand.x_final) < 20.0
 
 
+def test_settle_geometry_corrects_a_ranked_candidate_on_the_judged_field():
+    """Before refinement, a candidate whose particles render 1.7x too large on the judged field
+    is brought to the measured size; the returned measurement is of the settled render."""
+    from fitting.fit.candidates import measure_render
+    from fitting.fit.pipeline import settle_geometry
+    from fitting.materials.scene import MaterialScene, RenderSettings
+    mat = get_material("sem_polystyrene_spheres")
+    scene = MaterialScene(mat, RenderSettings(size=128, spp=2, layout_seed=3))
+    x_true = impose_geometry(mat, mat.default_vector(), 14.0, 0.3)
+    target = StructureTarget(measure_render(scene.render_numpy(x_true, seed=11)), 1.0)
+    x_big = impose_geometry(mat, x_true, 24.0, 0.3)
+    before = structure_terms(target, measure_render(scene.render_numpy(x_big, seed=1001)))
+    x, m = settle_geometry(scene, target, x_big, field=scene)
+    after = structure_terms(target, m)
+    assert before["size"] > 0.5 and after["size"] < 0.5 * before["size"]
+    assert rendered_size_param(mat, x) < 20.0
+    # past its deadline it measures and changes nothing
+    x_same, _ = settle_geometry(scene, target, x_big, field=scene, deadline=0.0)
+    assert np.allclose(x_same, x_big)
+
+
 def test_branched_references_are_judged_on_a_larger_field():
-    """Aggregates larger than a ranking render are judged on a render of twice the side at the
-    same pixel scale; separate particles on the ranking render itself."""
+    """Aggregates larger than a ranking render are judged on a render of at least twice the
+    side at the same pixel scale, large enough to hold several aggregates; separate particles
+    on the ranking render itself."""
     from types import SimpleNamespace
-    from fitting.fit.pipeline import JUDGE_FIELD, judge_field_scene
+    from fitting.fit.pipeline import (JUDGE_FIELD, JUDGE_FIELD_MAX, JUDGE_MIN_CLUSTERS, expected_clusters,
+                                      judge_field_scene, judge_field_size)
     from fitting.materials.scene import MaterialScene, RenderSettings
     scene = MaterialScene(get_material("tem_carbon_black"), RenderSettings(size=128, spp=2, layout_seed=4))
 
-    def measured(shape, d=10.0, coverage=0.3):
-        return StructureTarget(SimpleNamespace(shape={"class": shape}, median_px=d, coverage=coverage), 1.0)
+    def measured(shape, d=10.0, coverage=0.3, cluster=None):
+        m = SimpleNamespace(shape={"class": shape}, median_px=d, coverage=coverage, _cluster_area=cluster)
+        return StructureTarget(m, 1.0)
     field = judge_field_scene(scene, measured("branched"))
     assert field.settings.size == JUDGE_FIELD * 128 and field.settings.layout_seed == 4
     assert judge_field_scene(scene, measured("round")) is scene
     assert judge_field_scene(scene, None) is scene
+    # a TEM field of large aggregates: a 256 px render would hold about one of them
+    sparse_chains = measured("branched", d=24.0, coverage=0.07, cluster=16000.0)
+    assert expected_clusters(sparse_chains, 256) < 1.0
+    side = judge_field_size(sparse_chains, 256)
+    assert JUDGE_FIELD * 256 < side <= JUDGE_FIELD_MAX * 256 and side % 32 == 0
+    assert expected_clusters(sparse_chains, side) >= JUDGE_MIN_CLUSTERS
 
 
 def test_sparse_references_are_judged_on_a_field_that_holds_their_particles():
     """A field so sparse that a ranking render holds about one particle is judged on a larger
     render (same pixel scale) that holds several at the measured coverage, up to a limit."""
     from types import SimpleNamespace
-    from fitting.fit.pipeline import JUDGE_FIELD_MAX, JUDGE_MIN_COUNT, expected_count, judge_field_factor
+    from fitting.fit.pipeline import (JUDGE_FIELD_MAX, JUDGE_MIN_COUNT, expected_count, judge_field_factor,
+                                      judge_field_size)
     sparse = StructureTarget(SimpleNamespace(shape={"class": "round"}, median_px=14.6, coverage=0.0033), 1.0)
     assert expected_count(sparse, 256) == pytest.approx(0.0033 * 256 ** 2 / (np.pi / 4 * 14.6 ** 2))
     k = judge_field_factor(sparse, 256)
     assert 1 < k <= JUDGE_FIELD_MAX
-    assert expected_count(sparse, k * 256) >= JUDGE_MIN_COUNT
+    assert expected_count(sparse, judge_field_size(sparse, 256)) >= JUDGE_MIN_COUNT
     empty_ish = StructureTarget(SimpleNamespace(shape={"class": "round"}, median_px=20.0, coverage=1e-5), 1.0)
     assert judge_field_factor(empty_ish, 256) == JUDGE_FIELD_MAX
     unknown = StructureTarget(SimpleNamespace(shape={"class": None}, median_px=None, coverage=0.2), 1.0)
@@ -174,7 +205,7 @@ def test_refinement_that_empties_the_render_is_undone(monkeypatch):
     monkeypatch.setattr(candidates_module, "measure_render", lambda img, method="auto": next(seen))
     cand = Candidate(material_id=mat.id, scale=256, x_initial=x0, distance_initial=1.0, predictor="default")
     cand.x_final, cand.distance_final = x1, 0.01   # a hundred times closer in texture, and empty
-    judge_structure(cand, scene, structure, FitOptions(structure_weight=0.0))
+    judge_structure(cand, scene, structure, FitOptions(final_structure_weight=0.0))
     assert np.allclose(cand.x_final, x0) and cand.distance_final == 1.0
     assert "no measurable particles" in cand.stopped
 
@@ -202,6 +233,37 @@ def test_a_chosen_imaging_kind_restricts_the_candidates():
     assert res.recipe.fit["imaging"]["kind"] == "tem"
     measured = [e for e in events if e.stage == "measure" and "measured" in e.data]
     assert measured and measured[0].data["measured"]["outline"].dtype == np.uint8
+
+
+def test_later_working_scales_visit_the_closest_materials_first():
+    """Every material is ranked at the first working scale; the second scale visits them in
+    the order of their first-scale distance, so a ranking cut short by its deadline leaves the
+    least promising materials with one scale."""
+    from fitting.core.events import CancelToken
+    from fitting.fit.candidates import rank_materials
+    from fitting.fit.pipeline import prepare_target
+    from fitting.reference.loading import load_reference
+    names = ["tem_carbon_black", "sem_polystyrene_spheres", "sem_faceted_crystals", "optical_insitu_probe"]
+    lib = {n: get_material(n) for n in names}
+    opts = FitOptions(**QUICK)
+    prep = prepare_target(load_reference(EXAMPLE), opts, lib)
+    assert len(prep.target.scales) == 2
+    visits = []
+
+    def sink(ev):
+        if ev.stage == "rank" and " at scale " in (ev.message or ""):
+            visits.append((ev.message.split(":")[0], int(ev.message.rsplit(" ", 1)[-1])))
+    entries = []
+    scenes = {n: MaterialScene(m, RenderSettings(size=opts.size, spp=opts.spp)) for n, m in prep.library.items()}
+    rank_materials(prep.library, scenes, prep.target, prep.descriptor, opts, sink, CancelToken(),
+                   structures=prep.structures, all_entries=entries)
+    n = len(prep.library)
+    assert len(visits) == 2 * n
+    first = prep.target.scales[0]
+    assert [m for m, _ in visits[:n]] == list(prep.library)
+    at_first = {m: min(e["distance"] for e in entries if e["material"] == m and e["scale"] == first)
+                for m in prep.library}
+    assert [m for m, _ in visits[n:]] == sorted(prep.library, key=at_first.get)
 
 
 @pytest.fixture(scope="module")

@@ -233,10 +233,13 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
     n = len(lib)
     seen: dict[str, set[bytes]] = {mid: set() for mid in lib}
     # Scales in the outer loop: every material is rendered at the first (preferred) working
-    # scale before any gets a second one, so when ranking time runs out no material is left
-    # with fewer scales because of its place in the library.
+    # scale before any gets a second one, and the later scales visit the materials closest at
+    # the first one first, so when ranking time runs out it is the least promising materials,
+    # not those late in the library, that are left with one scale.
     for k, s in enumerate(target.scales):
-        for i, (mid, mat) in enumerate(lib.items()):
+        order = list(lib.items()) if k == 0 else sorted(
+            lib.items(), key=lambda item: best[item[0]]["distance"] if item[0] in best else math.inf)
+        for i, (mid, mat) in enumerate(order):
             cancel.check("the fit")
             if k > 0 and time.time() > search_deadline:
                 break   # out of ranking time: the scales ranked so far decide

@@ -52,6 +52,11 @@ class FitOptions:
     # render measured the same way (fitting/fit/structure.py).
     measure: bool = True
     structure_weight: float = 0.5
+    # The same for the final choice among the refined candidates, which are measured on a field
+    # large enough to hold several of the reference's particles or aggregates (ranking renders
+    # may hold one or two), so their measured structure is trusted more
+    # (docs/decisions.md, "Fit: geometry settled on the judged field").
+    final_structure_weight: float = 1.0
     # Pixel size typed by the user (nm); None = from the file's tags, if any.
     pixel_size_nm: float | None = None
     # Refinement backtracks to its best point and halves the step when a loss jumps above
@@ -64,8 +69,10 @@ class FitOptions:
         if self.pixel_size_nm is not None and not float(self.pixel_size_nm) > 0:
             raise MatfitError(f"pixel_size_nm must be positive, got {self.pixel_size_nm}",
                               hint="give the pixel size in nanometres, e.g. 2.5, or leave it unset")
-        if float(self.structure_weight) < 0:
-            raise MatfitError(f"structure_weight must be >= 0, got {self.structure_weight}")
+        for name in ("structure_weight", "final_structure_weight"):
+            if not float(getattr(self, name)) >= 0:
+                raise MatfitError(f"{name} must be >= 0, got {getattr(self, name)}",
+                                  hint="0 ranks by the texture descriptor alone")
         for name in ("loss_crop", "screen_loss_crop"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise MatfitError(f"{name} must be a fraction in 0..1, got {getattr(self, name)}",

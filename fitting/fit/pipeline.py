@@ -11,8 +11,10 @@
    distribution term (sorted-pixel L1 = 1-D Wasserstein distance; see
    benchmarks/bench_fit.py for the measurement that justifies it). A new render seed every
    iteration, early stopping, a time/iteration budget.
-4. The candidate with the smallest final distance (measured on fixed evaluation seeds for
-   all candidates alike) is the result.
+4. Each refined candidate is measured on a field that holds several of the reference's
+   particles (its geometry was settled there before refinement, and is corrected again
+   after); the candidate with the smallest final distance (fixed evaluation seeds for all
+   candidates alike) times (1 + ``final_structure_weight`` x its structure distance) is the result.
 
 Emits :class:`FitEvent`s; honours a :class:`CancelToken` between iterations.
 """
@@ -156,6 +158,11 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         if first is None:
             cand = Candidate(material_id=mat.id, scale=r["scale"], x_initial=r["x"], distance_initial=float("nan"),
                              predictor=r["source"])
+            structure = structures.get(r["scale"])
+            if structure is not None and judge_field_size(structure, opts.size) > opts.size:
+                cand.x_initial, cand.initial_measurement = settle_geometry(
+                    scene, structure, cand.x_initial, deadline=deadline)
+                share = max(0.0, deadline - time.time()) / (len(top) - ci)
             refine(scene, tgt, desc, cand, opts, share, sink, cancel, ci, len(top),
                    progress_range=(refine_from, 0.95))
         else:
@@ -178,7 +185,8 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     baselines = {r["scale"]: r.get("scale_baseline", 1.0) for r in ranking}
     for cand in candidates:
         judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts,
-                        baselines.get(cand.scale, 1.0), desc, target.by_scale[cand.scale]["descriptor"])
+                        baselines.get(cand.scale, 1.0), desc, target.by_scale[cand.scale]["descriptor"],
+                        deadline=t_start + opts.budget_s)
     best = min(candidates, key=lambda c: c.score)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
@@ -359,16 +367,20 @@ def restrict_to_imaging(lib: dict, guess) -> dict:
 
 
 #: Where the reference's particles form branched aggregates, the refined candidates are
-#: measured on a render this many times the ranking render's side (same pixel scale, a larger
-#: field): a 256 px render cannot hold an aggregate as large as a sparse TEM field's, and its
-#: clusters would measure as separate particles. Elsewhere the ranking render's field is kept:
-#: on SEM renders the larger field's threshold moved the measured coverage more than it helped.
+#: measured on a render at least this many times the ranking render's side (same pixel scale, a
+#: larger field): a 256 px render cannot hold an aggregate as large as a sparse TEM field's, and
+#: its clusters would measure as separate particles. Elsewhere the ranking render's field is
+#: kept: on SEM renders the larger field's threshold moved the measured coverage more than it helped.
 JUDGE_FIELD = 2
 #: Fewest reference particles the judged render should hold at the measured coverage and size:
 #: in a sparser field a ranking render holds one particle or none, and every candidate, right
 #: or empty, measures the same. Such references are judged on a field up to
 #: :data:`JUDGE_FIELD_MAX` times the ranking render's side.
 JUDGE_MIN_COUNT = 8.0
+#: Fewest aggregates the judged render should hold where the reference's particles are branched:
+#: a field with one or two aggregates measures a coverage and a size that swing by a factor 2
+#: with the layout, so a correct geometry and a wrong one measure alike.
+JUDGE_MIN_CLUSTERS = 4.0
 JUDGE_FIELD_MAX = 4
 
 
@@ -381,33 +393,112 @@ def expected_count(structure, render_size: int) -> float | None:
     return structure.coverage * float(render_size) ** 2 / (math.pi / 4.0 * d * d)
 
 
-def judge_field_factor(structure, render_size: int) -> int:
-    """How many times the ranking render's side the refined candidates are judged on:
-    :data:`JUDGE_FIELD` for branched particles, enough for :data:`JUDGE_MIN_COUNT` particles
-    in a sparse field (at most :data:`JUDGE_FIELD_MAX`), else 1."""
+def expected_clusters(structure, render_size: int) -> float | None:
+    """How many of the reference's aggregates (its area-weighted median cluster,
+    :func:`fitting.fit.structure.target_cluster_area`) a ``render_size`` px render at the working
+    scale holds at the measured coverage (None: no clusters measured)."""
+    from fitting.fit.structure import target_cluster_area
+    a = target_cluster_area(structure)
+    if not a or structure.coverage <= 0.0:
+        return None
+    return structure.coverage * float(render_size) ** 2 / a
+
+
+def judge_field_factor(structure, render_size: int) -> float:
+    """How many times the ranking render's side the refined candidates are judged on: for
+    branched particles at least :data:`JUDGE_FIELD` and enough for :data:`JUDGE_MIN_CLUSTERS`
+    aggregates; enough for :data:`JUDGE_MIN_COUNT` particles in a sparse field; else 1. Never
+    more than :data:`JUDGE_FIELD_MAX`."""
     if structure is None:
-        return 1
-    k = JUDGE_FIELD if structure.shape_class == "branched" else 1
+        return 1.0
+    k = 1.0
+    if structure.shape_class == "branched":
+        k = float(JUDGE_FIELD)
+        n = expected_clusters(structure, render_size)
+        if n is not None and n < JUDGE_MIN_CLUSTERS:
+            k = max(k, math.sqrt(JUDGE_MIN_CLUSTERS / max(n, 1e-6)))
     n = expected_count(structure, render_size)
     if n is not None and n < JUDGE_MIN_COUNT:
-        k = max(k, min(JUDGE_FIELD_MAX, int(math.ceil(math.sqrt(JUDGE_MIN_COUNT / max(n, 1e-6))))))
-    return k
+        k = max(k, math.sqrt(JUDGE_MIN_COUNT / max(n, 1e-6)))
+    return float(min(JUDGE_FIELD_MAX, k))
+
+
+def judge_field_size(structure, render_size: int) -> int:
+    """Side (px) of the render the refined candidates are measured on: ``render_size`` times
+    :func:`judge_field_factor`, rounded up to a multiple of 32 px."""
+    k = judge_field_factor(structure, render_size)
+    if k <= 1.0:
+        return int(render_size)
+    return int(min(JUDGE_FIELD_MAX * render_size, 32 * math.ceil(k * render_size / 32.0)))
 
 
 def judge_field_scene(scene, structure=None):
     """The scene the refined candidates are measured on: ``scene`` itself, or the same material
-    at the same pixel scale on a field :func:`judge_field_factor` times larger (branched
+    at the same pixel scale on the larger field of :func:`judge_field_size` (branched
     particles, sparse fields)."""
     import dataclasses as dc
     from fitting.materials.scene import MaterialScene
-    k = judge_field_factor(structure, scene.settings.size)
-    if k == 1:
+    side = judge_field_size(structure, scene.settings.size)
+    if side == scene.settings.size:
         return scene
-    return MaterialScene(scene.material, dc.replace(scene.settings, size=k * scene.settings.size))
+    return MaterialScene(scene.material, dc.replace(scene.settings, size=side))
+
+
+def settle_geometry(scene, structure, x: np.ndarray, field=None, steps: int | None = None,
+                    deadline: float = math.inf):
+    """A ranked candidate's geometry corrected on the judged field before it is refined.
+
+    Where the refined candidates are judged on a larger field than the ranking's renders
+    (:func:`judge_field_scene`: branched aggregates, sparse fields), the ranking measured its
+    geometry on a field that holds an aggregate or two, and refinement would then tune the
+    appearance to a wrong size. Each step (:func:`fitting.fit.structure.correct_geometry`) is
+    kept when the larger render measures closer to the reference, as in the ranking.
+
+    Parameters
+    ----------
+    scene : MaterialScene
+        The candidate's ranking scene.
+    structure : StructureTarget
+    x : ndarray
+        The ranked normalised parameters.
+    field : MaterialScene, optional
+        The judged field (default :func:`judge_field_scene`).
+    steps : int, optional
+        Correction steps at most (default :data:`FINISH_STEPS`).
+    deadline : float
+        ``time.time()`` after which no further step is made.
+
+    Returns
+    -------
+    x : ndarray
+        The settled parameters.
+    measurement : ParticleMeasurement
+        Their render's measurement on ``field`` (seed ``EVAL_SEEDS[0]``).
+    """
+    from fitting.fit.candidates import CORRECT_ABOVE, measure_render
+    from fitting.fit.structure import correct_geometry
+    field = field or judge_field_scene(scene, structure)
+    x = np.asarray(x, dtype=np.float64).copy()
+    m = measure_render(field.render_numpy(x, seed=EVAL_SEEDS[0]))
+    terms = structure_terms(structure, m)
+    dist = structure_distance(terms, structure.weights)
+    for _ in range(FINISH_STEPS if steps is None else steps):
+        if max(terms["size"], terms["coverage"]) <= CORRECT_ABOVE or time.time() > deadline:
+            break
+        x_new = correct_geometry(scene.material, x, structure, m)
+        if np.allclose(x_new, x, atol=1e-4):
+            break
+        m_new = measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0]))
+        t_new = structure_terms(structure, m_new)
+        d_new = structure_distance(t_new, structure.weights)
+        if d_new >= dist:
+            break
+        x, m, terms, dist = x_new, m_new, t_new, d_new
+    return x, m
 
 
 def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,
-                    desc=None, target_descriptor=None) -> None:
+                    desc=None, target_descriptor=None, deadline: float = math.inf) -> None:
     """Measure the candidate's final render; its score is :func:`combined_score` of its final
     distance (relative to ``baseline``, the ranking's median distance at its working scale)
     and the structure distance, measured on :func:`judge_field_scene`'s render.
@@ -425,20 +516,23 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
     terms = structure_terms(structure, m_final)
     s_final = structure_distance(terms, structure.weights)
     if cand.gained:
-        m0 = measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0]))
+        m0 = cand.initial_measurement
+        if m0 is None:
+            m0 = measure_render(field.render_numpy(cand.x_initial, seed=EVAL_SEEDS[0]))
         t0 = structure_terms(structure, m0)
         s0 = structure_distance(t0, structure.weights)
         emptied = not has_particles(m_final) and has_particles(m0)
-        if emptied or combined_score(cand.distance_final / baseline, s_final, opts.structure_weight) > \
-                combined_score(cand.distance_initial / baseline, s0, opts.structure_weight):
+        if emptied or combined_score(cand.distance_final / baseline, s_final, opts.final_structure_weight) > \
+                combined_score(cand.distance_initial / baseline, s0, opts.final_structure_weight):
             cand.x_final, cand.distance_final = cand.x_initial.copy(), cand.distance_initial
             cand.stopped += (" (kept initial: the refined render has no measurable particles)" if emptied else
                              " (kept initial: the refined render measured further from the reference)")
             m_final, terms, s_final = m0, t0, s0
     cand.structure_terms, cand.structure_distance = terms, s_final
-    cand.score = combined_score(cand.distance_final / baseline, s_final, opts.structure_weight)
+    cand.score = combined_score(cand.distance_final / baseline, s_final, opts.final_structure_weight)
     if desc is not None and target_descriptor is not None:
-        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field, m_final)
+        finish_geometry(cand, scene, structure, opts, baseline, desc, target_descriptor, field, m_final,
+                        deadline=deadline)
 
 
 #: Geometry correction steps after refinement (each: one render to measure, two to describe).
@@ -446,12 +540,12 @@ FINISH_STEPS = 2
 
 
 def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baseline: float, desc,
-                    target_descriptor, field=None, measurement=None) -> None:
+                    target_descriptor, field=None, measurement=None, deadline: float = math.inf) -> None:
     """Correct the refined candidate's particle size and coverage until its render (``field``,
     default :func:`judge_field_scene`) measures like the reference (refinement changes blur,
     contrast and noise, which move the measured edges, but never the geometry), keeping each
     step only when the combined score improves. ``measurement`` is that render's measurement
-    at ``cand.x_final`` when the caller has it already."""
+    at ``cand.x_final`` when the caller has it already; no step starts after ``deadline``."""
     from fitting.fit.candidates import CORRECT_ABOVE, measure_render
     from fitting.fit.refine import evaluate_distance
     from fitting.fit.structure import correct_geometry
@@ -460,7 +554,7 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
     m = measurement
     for _ in range(FINISH_STEPS):
         terms = cand.structure_terms or {}
-        if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE:
+        if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE or time.time() > deadline:
             return
         if m is None:
             m = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
@@ -471,7 +565,7 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
         t_new = structure_terms(structure, m_new)
         s_new = structure_distance(t_new, structure.weights)
         d_new = evaluate_distance(scene, x_new, desc, target_descriptor)
-        score = combined_score(d_new / baseline, s_new, opts.structure_weight)
+        score = combined_score(d_new / baseline, s_new, opts.final_structure_weight)
         if score >= cand.score:
             return
         cand.x_final, cand.distance_final, cand.structure_terms, cand.structure_distance, cand.score = \

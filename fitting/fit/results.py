@@ -24,8 +24,10 @@ class Candidate:
     # Measured structure of the final render against the reference's (fitting.fit.structure).
     structure_terms: dict | None = None
     structure_distance: float = 0.0
-    # distance_final relative to its scale's ranking median x (1 + structure_weight x structure_distance)
+    # distance_final relative to its scale's ranking median x (1 + final_structure_weight x structure_distance)
     score: float | None = None
+    # The measurement of x_initial's render on the judged field, when settle_geometry made it.
+    initial_measurement: Any = field(default=None, repr=False, compare=False)
 
     @property
     def gained(self) -> bool:
