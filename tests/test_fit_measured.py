@@ -210,6 +210,29 @@ def test_refinement_that_empties_the_render_is_undone(monkeypatch):
     assert "no measurable particles" in cand.stopped
 
 
+def test_judging_reuses_the_settled_measurement_when_refinement_kept_the_start(monkeypatch):
+    """A candidate whose refinement kept its settled start is judged on the measurement
+    settle_geometry made of that very render, not on a second render of it."""
+    from types import SimpleNamespace
+    import fitting.fit.candidates as candidates_module
+    from fitting.fit.pipeline import judge_structure
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the settled render was measured again")
+    monkeypatch.setattr(candidates_module, "measure_render", no_render)
+    mat = get_material("optical_brightfield_colloids")
+    scene = MaterialScene(mat, RenderSettings(size=64, spp=1, layout_seed=0))
+    ref = SimpleNamespace(shape={"class": "round"}, median_px=14.0, coverage=0.05, polarity="dark",
+                          count=20, confidence={})
+    settled = SimpleNamespace(count=20, median_px=21.0, coverage=0.05, polarity="dark", shape={"class": "round"})
+    x0 = mat.default_vector()
+    cand = Candidate(material_id=mat.id, scale=64, x_initial=x0, distance_initial=0.5, predictor="default",
+                     x_final=x0.copy(), distance_final=0.5)
+    cand.initial_measurement = settled
+    judge_structure(cand, scene, StructureTarget(ref, 1.0), FitOptions())
+    assert cand.structure_terms["size"] == pytest.approx(math.log(21.0 / 14.0) / math.log(1.5))
+
+
 def test_imaging_guess_says_which_cue_decided():
     assert guess_imaging("tem").cue == "user" and guess_imaging("tem").kinds == ("tem",)
     assert guess_imaging("auto", tag_kind="sem", tag_cue="Zeiss").cue == "tags"

@@ -37,10 +37,11 @@ from fitting.core.events import (
 )
 from fitting.fit.candidates import keep_branched_candidate, rank_materials
 from fitting.fit.options import FitOptions
-from fitting.fit.refine import EVAL_SEEDS, loss_precision, refine
+from fitting.fit.refine import EVAL_SEEDS, evaluate_distance, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
-from fitting.fit.structure import (StructureTarget, combined_score, has_particles, measurement_is_usable, size_summary,
-                                   structure_distance, structure_terms, working_scales)
+from fitting.fit.structure import (StructureTarget, combined_score, correct_geometry, has_particles,
+                                   measurement_is_usable, size_summary, structure_distance, structure_terms,
+                                   target_cluster_area, working_scales)
 from fitting.fit.target import ReferenceTarget, thumbnail
 from fitting.measure.instrument import guess_imaging_of
 
@@ -397,7 +398,6 @@ def expected_clusters(structure, render_size: int) -> float | None:
     """How many of the reference's aggregates (its area-weighted median cluster,
     :func:`fitting.fit.structure.target_cluster_area`) a ``render_size`` px render at the working
     scale holds at the measured coverage (None: no clusters measured)."""
-    from fitting.fit.structure import target_cluster_area
     a = target_cluster_area(structure)
     if not a or structure.coverage <= 0.0:
         return None
@@ -476,7 +476,6 @@ def settle_geometry(scene, structure, x: np.ndarray, field=None, steps: int | No
         Their render's measurement on ``field`` (seed ``EVAL_SEEDS[0]``).
     """
     from fitting.fit.candidates import CORRECT_ABOVE, measure_render
-    from fitting.fit.structure import correct_geometry
     field = field or judge_field_scene(scene, structure)
     x = np.asarray(x, dtype=np.float64).copy()
     m = measure_render(field.render_numpy(x, seed=EVAL_SEEDS[0]))
@@ -512,7 +511,10 @@ def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baselin
         cand.score = cand.distance_final
         return
     field = judge_field_scene(scene, structure)
-    m_final = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
+    if cand.initial_measurement is not None and np.array_equal(cand.x_final, cand.x_initial):
+        m_final = cand.initial_measurement      # refinement kept the settled start: measured already
+    else:
+        m_final = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
     terms = structure_terms(structure, m_final)
     s_final = structure_distance(terms, structure.weights)
     if cand.gained:
@@ -547,8 +549,6 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
     step only when the combined score improves. ``measurement`` is that render's measurement
     at ``cand.x_final`` when the caller has it already; no step starts after ``deadline``."""
     from fitting.fit.candidates import CORRECT_ABOVE, measure_render
-    from fitting.fit.refine import evaluate_distance
-    from fitting.fit.structure import correct_geometry
     mat = scene.material
     field = field or judge_field_scene(scene, structure)
     m = measurement
