@@ -32,6 +32,7 @@ def test_doctor_json_reports_the_runtime():
         assert int(d["llvm_version"].split(".")[0]) >= 19
     assert d["materials"] >= 10 and d["backbones"]["vgg16-hed"].startswith("ok")
     assert set(d["predictors"].values()) <= {"missing", "current", "stale"}
+    assert d["classifier"] == "current"           # committed with the library (`matfit train --classifier`)
     assert d["vgg_precision_cpu"] in ("float32", "bfloat16")
 
 

@@ -254,6 +254,14 @@ def test_a_chosen_imaging_kind_restricts_the_candidates():
     assert res.ranking and all(r["material"].startswith("tem_") for r in res.ranking)
     assert all(c.material_id.startswith("tem_") for c in res.candidates)
     assert res.recipe.fit["imaging"]["kind"] == "tem"
+    # the library's classifier is asked among the TEM materials only, and its two most probable
+    # materials are refined beside the ranking's best
+    probs = res.classifier["probabilities"]
+    assert res.classifier == res.recipe.fit["classifier"] and all(m.startswith("tem_") for m in probs)
+    assert abs(sum(probs.values()) - 1.0) < 0.01 and list(probs)[0] == res.classifier["choice"]
+    refined = [c.material_id for c in res.candidates]
+    assert refined[0] == res.ranking[0]["material"] and set(list(probs)[:2]) <= set(refined)
+    assert any(e.message and e.message.startswith("material classifier: ") for e in events)
     measured = [e for e in events if e.stage == "measure" and "measured" in e.data]
     assert measured and measured[0].data["measured"]["outline"].dtype == np.uint8
 
@@ -350,3 +358,21 @@ def test_matfit_measure_json_and_overlay(tmp_path, reference_dir):
     assert p.returncode == 0 and "particles" in p.stdout and "instrument:" in p.stdout
     assert json.loads(subprocess.run([sys.executable, "-m", "fitting.cli.main", "measure", str(img), "--json"],
                                      capture_output=True, text=True, timeout=300).stdout)["diameter_nm"] is None
+
+
+def test_the_result_shows_the_references_kind_of_specimen():
+    """A compact-particle candidate that scores a little better than the aggregate material on
+    a branched reference (shape term 1: another kind of specimen) is not the result; with no
+    candidate of the right kind, the best score decides."""
+    from fitting.fit.pipeline import choose_result
+    from fitting.fit.results import Candidate
+
+    def cand(mid, score, shape):
+        c = Candidate(material_id=mid, scale=512, x_initial=np.zeros(3), distance_initial=0.1)
+        c.score, c.structure_terms = score, {"size": 0.2, "shape": shape, "cluster": 0.0}
+        return c
+    compact, chains, crystals = cand("compact", 0.287, 1.0), cand("chains", 0.296, 0.0), cand("big", 0.6, 1.0)
+    assert choose_result([compact, chains, crystals]) is chains
+    assert choose_result([compact, crystals]) is compact
+    # round against faceted (0.3) is a matter of degree: the score decides
+    assert choose_result([cand("a", 0.2, 0.3), cand("b", 0.3, 0.0)]).material_id == "a"

@@ -63,6 +63,11 @@ def doctor_report(device: str = "auto") -> tuple[dict, list[str]]:
         stale = [m for m, s in status.items() if s == "stale"]
         if stale:
             rep["predictors_stale_hint"] = "run `matfit train " + " ".join(stale) + "`"
+        from fitting.fit.classifier import classifier_status
+        from fitting.materials.library import library_dir
+        rep["classifier"] = classifier_status(lib, library_dir())
+        if rep["classifier"] != "current":
+            rep["classifier_hint"] = "run `matfit train --classifier` (fits rank without it until then)"
     except MatfitError as exc:
         problems.append(str(exc))
     rep["ready"] = not problems

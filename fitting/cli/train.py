@@ -25,6 +25,8 @@ def cmd_train(args) -> int:
             raise MatfitError(f"unknown material(s) {', '.join(unknown)}", hint="see `matfit library list`")
         ids = args.materials
     desc = TextureDescriptor(args.backbone, work_size=args.size)
+    if args.classifier:
+        return _train_classifier(args, lib, desc)
     cancel = CancelToken()
     old = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     results = {}
@@ -45,6 +47,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _train_classifier(args, lib: dict, desc) -> int:
+    """`matfit train --classifier`: the material classifier on every material's data set (the
+    predictors' cached renders; missing ones are rendered first, resumable)."""
+    from fitting.fit.classifier import train_classifier
+    from fitting.fit.predictor import generate_dataset
+    from fitting.materials.library import library_dir
+    cancel = CancelToken()
+    old = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    try:
+        features = {}
+        for mid, mat in lib.items():
+            _, f = generate_dataset(mat, args.samples, backbone=desc.backbone_id, size=args.size, spp=args.spp,
+                                    workers=args.workers, progress=CountProgress(mid), cancel=cancel)
+            features[mid] = f
+    finally:
+        signal.signal(signal.SIGINT, old)
+    clf, meta = train_classifier(features, desc.part_slices(), desc.backbone_id,
+                                 {mid: mat.content_hash for mid, mat in lib.items()}, epochs=args.classifier_epochs,
+                                 log=lambda m: print(f"  {m}", file=sys.stderr))
+    clf.save(library_dir())
+    for mid, r in meta["per_material"].items():
+        print(f"{mid}: held-out top 1 {r['top1']:.2f}, top 3 {r['top3']:.2f}"
+              + (f" (mistaken mostly for {r['confused_with']})" if r["confused_with"] else ""), file=sys.stderr)
+    print(f"material classifier: held-out top 1 {meta['heldout_top1']:.3f}, top 3 {meta['heldout_top3']:.3f} "
+          f"({sum(meta['samples'].values())} samples of {len(lib)} materials)", file=sys.stderr)
+    if args.json:
+        sys.stdout.write(json.dumps(meta, indent=2) + "\n")
+    return 0
+
+
 def register(sub) -> None:
     t = sub.add_parser("train", help="train per-material parameter predictors")
     t.add_argument("materials", nargs="*", help="material ids (default: all)")
@@ -55,5 +87,8 @@ def register(sub) -> None:
     t.add_argument("--spp", type=int, default=4)
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--backbone", default="vgg16-hed")
+    t.add_argument("--classifier", action="store_true",
+                   help="train the library's material classifier (on every material's data set) instead of predictors")
+    t.add_argument("--classifier-epochs", type=int, default=200)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -57,6 +57,10 @@ class FitOptions:
     # may hold one or two), so their measured structure is trusted more
     # (docs/decisions.md, "Fit: geometry settled on the judged field").
     final_structure_weight: float = 1.0
+    # Of the ``top_k`` refined candidates, this many are the materials the library's classifier
+    # finds most probable (fitting/fit/classifier.py, `matfit train --classifier`); the first
+    # is always the ranking's best. 0, or no current classifier file: the ranking's best ``top_k``.
+    classified_candidates: int = 2
     # Pixel size typed by the user (nm); None = from the file's tags, if any.
     pixel_size_nm: float | None = None
     # Refinement backtracks to its best point and halves the step when a loss jumps above
@@ -69,6 +73,9 @@ class FitOptions:
         if self.pixel_size_nm is not None and not float(self.pixel_size_nm) > 0:
             raise MatfitError(f"pixel_size_nm must be positive, got {self.pixel_size_nm}",
                               hint="give the pixel size in nanometres, e.g. 2.5, or leave it unset")
+        if int(self.classified_candidates) < 0:
+            raise MatfitError(f"classified_candidates must be >= 0, got {self.classified_candidates}",
+                              hint="0 refines the ranking's best materials only")
         for name in ("structure_weight", "final_structure_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise MatfitError(f"{name} must be >= 0, got {getattr(self, name)}",

@@ -35,7 +35,7 @@ from fitting.core.events import (
     _emit,
     null_sink,
 )
-from fitting.fit.candidates import keep_branched_candidate, rank_materials
+from fitting.fit.candidates import classified_candidates, keep_branched_candidate, rank_materials
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import EVAL_SEEDS, evaluate_distance, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
@@ -86,6 +86,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     ref = reference if isinstance(reference, ReferenceImage) else load_reference(reference)
     info = init_mitsuba()
     lib = library or load_library()
+    full_library = lib
     if opts.materials:
         unknown = [m for m in opts.materials if m not in lib]
         if unknown:
@@ -107,6 +108,11 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     # refinement's.
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
                              search_deadline=t_start + 0.40 * opts.budget_s, structures=structures)
+    classification = (classify_materials(full_library, target, desc, lib, sink)
+                      if opts.classified_candidates > 0 else None)
+    if classification:
+        ranking = classified_candidates(ranking, classification["probabilities"], opts.top_k,
+                                        opts.classified_candidates)
     if structures:
         ranking = keep_branched_candidate(ranking, lib, next(iter(structures.values())).shape_class, opts.top_k)
     pool = ranking[:max(opts.top_k, opts.screen)]
@@ -188,7 +194,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts,
                         baselines.get(cand.scale, 1.0), desc, target.by_scale[cand.scale]["descriptor"],
                         deadline=t_start + opts.budget_s)
-    best = min(candidates, key=lambda c: c.score)
+    best = choose_result(candidates)
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
     preview = scene.render_numpy(best.x_final, seed=EVAL_SEEDS[0])
@@ -213,6 +219,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                                          "file tags" if ref.pixel_size_nm is not None else None)},
         fit={"options": opts.to_dict(),
              "imaging": guess.to_dict(),
+             "classifier": _classifier_summary(classification),
              "measured": measured, "fitted": fitted,
              "refinement_gained": best.gained,
              "loss_precision": loss_precision(opts, desc.device),
@@ -223,7 +230,8 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     result = FitResult(recipe=recipe, candidates=candidates, ranking=[_ranking_row(r) for r in ranking],
                        best=best, timings=timings, reference=ref.to_dict(), preview=preview,
                        reference_tile=target.by_scale[best.scale]["tile"], reference_field=work,
-                       render_field=render_field, imaging=guess.to_dict(), measured=measured, fitted=fitted)
+                       render_field=render_field, imaging=guess.to_dict(), measured=measured, fitted=fitted,
+                       classifier=_classifier_summary(classification))
     gained = (f"distance {best.distance_initial:.4f} -> {best.distance_final:.4f}" if best.gained else
               f"distance {best.distance_final:.4f}; refinement gained nothing, the initial guess is the result")
     _emit(sink, "finished", stage="export", progress=1.0,
@@ -322,6 +330,30 @@ def _ranking_row(r: dict) -> dict:
     if r.get("structure_terms"):
         row["structure_terms"] = {k: round(v, 3) for k, v in r["structure_terms"].items()}
     return row
+
+
+def _classifier_summary(classification: dict | None, top: int = 5) -> dict | None:
+    """The classifier's choice and its most probable materials, for the recipe and the result."""
+    if not classification:
+        return None
+    return {"choice": classification["choice"],
+            "probabilities": dict(list(classification["probabilities"].items())[:top])}
+
+
+def classify_materials(full_library: dict, target, desc, candidates: dict, sink: EventSink = null_sink) -> dict | None:
+    """The material classifier's probabilities for the reference (averaged over its working
+    scales, restricted to the candidate materials), or None when the library has no current
+    classifier (the fit then says so in its log and goes on without)."""
+    from fitting.fit.classifier import classify_reference, load_classifier
+    folder = next(iter(full_library.values())).folder.parent
+    clf = load_classifier(full_library, folder, backbone=desc.backbone_id,
+                          on_warning=lambda m: _emit(sink, "log", stage="rank", message=m))
+    if clf is None:
+        return None
+    p = classify_reference(clf, [target.by_scale[s]["descriptor"] for s in target.scales], list(candidates))
+    top = list(p.items())[:3]
+    _emit(sink, "log", stage="rank", message="material classifier: " + ", ".join(f"{m} {v:.2f}" for m, v in top))
+    return {"probabilities": {m: round(v, 4) for m, v in p.items()}, "choice": top[0][0] if top else None}
 
 
 def measure_reference(ref):
@@ -494,6 +526,25 @@ def settle_geometry(scene, structure, x: np.ndarray, field=None, steps: int | No
             break
         x, m, terms, dist = x_new, m_new, t_new, d_new
     return x, m
+
+
+def same_kind_of_specimen(cand: Candidate) -> bool:
+    """Whether the candidate's judged render shows the reference's kind of specimen: branched
+    aggregates where the reference has them, separate particles where it has those (the
+    ``shape`` structure term below 1)."""
+    return (cand.structure_terms or {}).get("shape", 0.0) < 1.0
+
+
+def choose_result(candidates: list[Candidate]) -> Candidate:
+    """The refined candidate with the best final score among those that show the reference's
+    kind of specimen (:func:`same_kind_of_specimen`), or among all when none does.
+
+    The kind of specimen is what a microscopist checks first; in the score it is one structure
+    term among several, and a candidate of compact particles whose texture matches a branched
+    reference's closely can tie with the aggregate material (docs/decisions.md, "Fit: a
+    material classifier picks candidates")."""
+    same = [c for c in candidates if same_kind_of_specimen(c)]
+    return min(same or candidates, key=lambda c: c.score)
 
 
 def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,

@@ -61,6 +61,7 @@ class FitResult:
     imaging: dict | None = None      # fitting.measure.instrument.ImagingGuess.to_dict()
     measured: dict | None = None     # the reference's particles (reference px, nm when known)
     fitted: dict | None = None       # the result's particles, measured on its render, same units
+    classifier: dict | None = None   # the material classifier's choice and top probabilities
 
     def summary(self) -> dict:
         return {"candidates": [c.summary() for c in self.candidates], "best": self.best.material_id,
@@ -69,5 +70,5 @@ class FitResult:
                             "improvement": (self.best.distance_initial - (self.best.distance_final or 0.0)),
                             "refinement_gained": self.best.gained,
                             "scale": self.best.scale},
-                "imaging": self.imaging, "measured": self.measured, "fitted": self.fitted,
+                "imaging": self.imaging, "classifier": self.classifier, "measured": self.measured, "fitted": self.fitted,
                 "ranking": self.ranking, "timings": self.timings}
