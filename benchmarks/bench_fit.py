@@ -67,7 +67,7 @@ def synthetic(args) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     desc = TextureDescriptor()
-    for i in range(args.count):
+    for i in range(args.start, args.start + args.count):
         mid = ids[i % len(ids)]
         mat = lib[mid]
         rng = np.random.default_rng(1000 + i)
@@ -380,6 +380,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["synthetic", "real", "speed", "ablation", "crop"])
     ap.add_argument("--count", type=int, default=30)
+    ap.add_argument("--start", type=int, default=0, help="synthetic: index of the first target")
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=5)
