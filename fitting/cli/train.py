@@ -4,9 +4,22 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from contextlib import contextmanager
 
 from fitting.cli.progress import CountProgress
 from fitting.core.events import CancelToken
+
+
+@contextmanager
+def _cancel_on_interrupt():
+    """A CancelToken that Ctrl+C cancels while the block runs (the data sets then stop after
+    the chunk in hand, and a later run resumes them)."""
+    cancel = CancelToken()
+    old = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def cmd_train(args) -> int:
@@ -27,10 +40,8 @@ def cmd_train(args) -> int:
     desc = TextureDescriptor(args.backbone, work_size=args.size)
     if args.classifier:
         return _train_classifier(args, lib, desc)
-    cancel = CancelToken()
-    old = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     results = {}
-    try:
+    with _cancel_on_interrupt() as cancel:
         for mid in ids:
             mat = lib[mid]
             x, f = generate_dataset(mat, args.samples, backbone=desc.backbone_id, size=args.size, spp=args.spp,
@@ -40,8 +51,6 @@ def cmd_train(args) -> int:
             results[mid] = {k: meta[k] for k in ("samples", "heldout_mae", "heldout_mean_baseline", "per_group")}
             print(f"{mid}: held-out MAE {meta['heldout_mae']:.4f} vs mean predictor "
                   f"{meta['heldout_mean_baseline']:.4f} ({meta['samples']} samples)", file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGINT, old)
     if args.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     return 0
@@ -53,16 +62,12 @@ def _train_classifier(args, lib: dict, desc) -> int:
     from fitting.fit.classifier import train_classifier
     from fitting.fit.predictor import generate_dataset
     from fitting.materials.library import library_dir
-    cancel = CancelToken()
-    old = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    try:
-        features = {}
+    features = {}
+    with _cancel_on_interrupt() as cancel:
         for mid, mat in lib.items():
-            _, f = generate_dataset(mat, args.samples, backbone=desc.backbone_id, size=args.size, spp=args.spp,
-                                    workers=args.workers, progress=CountProgress(mid), cancel=cancel)
-            features[mid] = f
-    finally:
-        signal.signal(signal.SIGINT, old)
+            _, features[mid] = generate_dataset(mat, args.samples, backbone=desc.backbone_id, size=args.size,
+                                                spp=args.spp, workers=args.workers, progress=CountProgress(mid),
+                                                cancel=cancel)
     clf, meta = train_classifier(features, desc.part_slices(), desc.backbone_id,
                                  {mid: mat.content_hash for mid, mat in lib.items()}, epochs=args.classifier_epochs,
                                  log=lambda m: print(f"  {m}", file=sys.stderr))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fitting.core.errors import MatfitError
-from fitting.fit.predictor import reduce_descriptor
+from fitting.fit.predictor import part_slices_of, reduce_descriptor
 
 CLASSIFIER_FORMAT = 1
 WEIGHTS_FILE = "classifier.pt"
@@ -66,7 +66,7 @@ class MaterialClassifier:
     def probabilities(self, desc: torch.Tensor, part_slices: dict[str, slice] | None = None) -> dict[str, float]:
         """Probability of each material given one image's texture descriptor."""
         if part_slices is None:
-            part_slices = {k: slice(*v) for k, v in self.meta["part_slices"].items()}
+            part_slices = part_slices_of(self.meta)
         f = reduce_descriptor(desc.reshape(1, -1), part_slices)
         return self.probabilities_of_features(f)[0]
 
@@ -90,18 +90,21 @@ class MaterialClassifier:
         atomic_write_text(folder / META_FILE, json.dumps(self.meta, indent=2) + "\n")
 
 
-def classifier_status(lib: dict, folder: str | Path) -> str:
-    """'missing', 'current', or 'stale' (a material was added, removed or changed since training)."""
-    folder = Path(folder)
+def _status_and_meta(lib: dict, folder: Path) -> tuple[str, dict | None]:
+    """:func:`classifier_status` and the classifier's meta (None when missing or unreadable)."""
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / META_FILE).is_file():
-        return "missing"
+        return "missing", None
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError):
-        return "stale"
-    hashes = meta.get("content_hashes", {})
+        return "stale", None
     current = {mid: mat.content_hash for mid, mat in lib.items()}
-    return "current" if hashes == current else "stale"
+    return ("current" if meta.get("content_hashes", {}) == current else "stale"), meta
+
+
+def classifier_status(lib: dict, folder: str | Path) -> str:
+    """'missing', 'current', or 'stale' (a material was added, removed or changed since training)."""
+    return _status_and_meta(lib, Path(folder))[0]
 
 
 def load_classifier(lib: dict, folder: str | Path, backbone: str | None = None,
@@ -111,7 +114,7 @@ def load_classifier(lib: dict, folder: str | Path, backbone: str | None = None,
     A classifier trained on another set of materials (one added, removed or changed) is not
     used: its probabilities would be over the wrong classes. The warning says how to retrain."""
     folder = Path(folder)
-    status = classifier_status(lib, folder)
+    status, meta = _status_and_meta(lib, folder)
     if status == "missing":
         return None
     warn = on_warning or (lambda m: None)
@@ -119,7 +122,6 @@ def load_classifier(lib: dict, folder: str | Path, backbone: str | None = None,
         warn("the material classifier was trained on another library (a material was added, removed or "
              "changed): not used (run `matfit train --classifier`)")
         return None
-    meta = json.loads((folder / META_FILE).read_text())
     if backbone is not None and meta.get("backbone") != backbone:
         warn(f"the material classifier was trained with backbone '{meta.get('backbone')}', not '{backbone}': "
              f"not used (run `matfit train --classifier --backbone {backbone}`)")

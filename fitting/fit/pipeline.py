@@ -206,6 +206,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                                           field_scale)
     timings["export"] = time.time() - t0
     timings["total"] = time.time() - t_start
+    classifier_summary = _classifier_summary(classification)
     refined = [s.name for s, m in zip(mat.specs, mat.refine_mask()) if m]
     recipe = Recipe.from_vector(
         mat, best.x_final,
@@ -219,7 +220,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                                          "file tags" if ref.pixel_size_nm is not None else None)},
         fit={"options": opts.to_dict(),
              "imaging": guess.to_dict(),
-             "classifier": _classifier_summary(classification),
+             "classifier": classifier_summary,
              "measured": measured, "fitted": fitted,
              "refinement_gained": best.gained,
              "loss_precision": loss_precision(opts, desc.device),
@@ -231,7 +232,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
                        best=best, timings=timings, reference=ref.to_dict(), preview=preview,
                        reference_tile=target.by_scale[best.scale]["tile"], reference_field=work,
                        render_field=render_field, imaging=guess.to_dict(), measured=measured, fitted=fitted,
-                       classifier=_classifier_summary(classification))
+                       classifier=classifier_summary)
     gained = (f"distance {best.distance_initial:.4f} -> {best.distance_final:.4f}" if best.gained else
               f"distance {best.distance_final:.4f}; refinement gained nothing, the initial guess is the result")
     _emit(sink, "finished", stage="export", progress=1.0,

@@ -65,6 +65,11 @@ def sketch_plan(part_slices: dict[str, slice]) -> list[tuple[slice, torch.Tensor
     return _SKETCH_CACHE[key]
 
 
+def part_slices_of(meta: dict) -> dict[str, slice]:
+    """The descriptor layout a trained model recorded (``meta["part_slices"]``) as slices."""
+    return {k: slice(*v) for k, v in meta["part_slices"].items()}
+
+
 def reduce_descriptor(desc: torch.Tensor, part_slices: dict[str, slice]) -> torch.Tensor:
     """(..., D) descriptor -> (..., F) predictor features (fixed count sketch per part)."""
     desc = desc.detach().to(torch.float32)
@@ -110,7 +115,7 @@ class Predictor:
 
     def predict(self, desc: torch.Tensor, part_slices: dict[str, slice] | None = None) -> np.ndarray:
         if part_slices is None:
-            part_slices = {k: slice(*v) for k, v in self.meta["part_slices"].items()}
+            part_slices = part_slices_of(self.meta)
         f = reduce_descriptor(desc.reshape(1, -1), part_slices)
         with torch.no_grad():
             self.net.eval()
