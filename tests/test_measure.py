@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from fitting.measure import (
 )
 from fitting.measure.overlay import overlay_outlines
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference-images"
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,11 +325,11 @@ def test_overlay_outlines():
 # ----------------------------------------------------------------------------------------
 # A real image
 # ----------------------------------------------------------------------------------------
-def test_real_brightfield_colloids():
-    path = REAL_DIR / "trackpy-examples__bf_0000.png"
+def test_real_brightfield_colloids(reference_dir):
+    path = reference_dir / "trackpy-examples__bf_0000.png"
     if not path.is_file():
         pytest.skip(f"real reference image not found at {path} (../shared/reference-images "
-                    "beside the repository)")
+                    "beside the repository, or MATFIT_REFERENCE_IMAGES)")
     from PIL import Image
     gray = np.asarray(Image.open(path).convert("L"), np.float32) / 255.0
     m = measure_particles(gray)
