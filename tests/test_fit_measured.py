@@ -123,6 +123,43 @@ def test_finish_geometry_brings_a_refined_candidate_to_the_measured_size():
     assert rendered_size_param(mat, cand.x_final) < 20.0
 
 
+def test_finish_geometry_grows_aggregates_to_the_reference_s_aggregate_size():
+    """Aggregates of a quarter of the reference's primaries are corrected after refinement on
+    the judged field (larger than the ranking render): more primaries per aggregate, a smaller
+    cluster term, kept only because it scores better. On the ranking render itself the
+    primaries per aggregate are left alone."""
+    from fitting.describe.descriptor import TextureDescriptor
+    from fitting.fit.candidates import measure_render
+    from fitting.fit.pipeline import finish_geometry, judge_field_scene, judge_structure
+    from fitting.fit.refine import evaluate_distance
+    from fitting.fit.structure import correct_geometry, physical_value
+    mat = get_material("tem_carbon_black")
+    scene = MaterialScene(mat, RenderSettings(size=128, spp=2, layout_seed=3))
+    x_true = impose_geometry(mat, mat.default_vector(), 9.0, 0.12, primary_count=80.0)
+    reference = MaterialScene(mat, RenderSettings(size=256, spp=2, layout_seed=5)).render_numpy(x_true, seed=11)
+    target = StructureTarget(measure_render(reference), 1.0)
+    assert target.shape_class == "branched"
+    field = judge_field_scene(scene, target)
+    assert field is not scene
+    desc = TextureDescriptor(work_size=128)
+    tgt_desc = desc.describe_reference(reference)
+    x_small = impose_geometry(mat, x_true, None, None, primary_count=20.0)
+    m_small = measure_render(field.render_numpy(x_small, seed=1001))
+    # the step alone: more primaries where the render's aggregates measure smaller
+    stepped = correct_geometry(mat, x_small, target, m_small, clusters=True)
+    assert physical_value(mat, stepped, "primary_count") > 30.0
+    assert physical_value(mat, correct_geometry(mat, x_small, target, m_small), "primary_count") == \
+        pytest.approx(20.0, rel=1e-3)
+    d_small = evaluate_distance(scene, x_small, desc, tgt_desc)
+    cand = Candidate(mat.id, 128, x_small, d_small, x_final=x_small.copy(), distance_final=d_small)
+    judge_structure(cand, scene, target, FitOptions())
+    before, score_before = dict(cand.structure_terms), cand.score
+    finish_geometry(cand, scene, target, FitOptions(), 1.0, desc, tgt_desc)
+    assert before["cluster"] > 0.3
+    assert physical_value(mat, cand.x_final, "primary_count") > 30.0
+    assert cand.structure_terms["cluster"] < before["cluster"] and cand.score < score_before
+
+
 def test_settle_geometry_corrects_a_ranked_candidate_on_the_judged_field():
     """Before refinement, a candidate whose particles render 1.7x too large on the judged field
     is brought to the measured size; the returned measurement is of the settled render."""
@@ -376,3 +413,29 @@ def test_the_result_shows_the_references_kind_of_specimen():
     assert choose_result([compact, crystals]) is compact
     # round against faceted (0.3) is a matter of degree: the score decides
     assert choose_result([cand("a", 0.2, 0.3), cand("b", 0.3, 0.0)]).material_id == "a"
+
+
+def test_a_sparse_reference_is_judged_by_its_measured_structure():
+    """Where a ranking render holds fewer than JUDGE_MIN_COUNT of the reference's particles,
+    the candidate whose render measures closest wins even against a much lower score (a
+    field of another instrument's particles, many times too many, that the descriptor rates
+    close to a mostly empty reference); equal structure distances fall back to the score."""
+    from types import SimpleNamespace
+    from fitting.fit.pipeline import JUDGE_MIN_COUNT, choose_result, expected_count, is_sparse
+
+    def cand(mid, score, structure):
+        c = Candidate(material_id=mid, scale=500, x_initial=np.zeros(3), distance_initial=0.1)
+        c.score, c.structure_distance, c.structure_terms = score, structure, {"shape": 0.0}
+        return c
+    droplets, chains = cand("droplets", 2.24, 1.98), cand("chains", 0.64, 2.77)
+    assert choose_result([droplets, chains]) is chains
+    assert choose_result([droplets, chains], sparse=True) is droplets
+    assert choose_result([cand("a", 0.3, 0.0), cand("b", 0.2, 0.0)], sparse=True).material_id == "b"
+
+    def structure(coverage, d):
+        return StructureTarget(SimpleNamespace(median_px=d, coverage=coverage, shape={"class": "round"}), 1.0)
+    few, many = structure(0.003, 14.0), structure(0.2, 14.0)
+    assert expected_count(few, 256) < JUDGE_MIN_COUNT < expected_count(many, 256)
+    assert is_sparse({500: few}, [500], 256) and not is_sparse({500: many}, [500], 256)
+    assert not is_sparse({500: few, 250: many}, [500, 250], 256)
+    assert not is_sparse({500: None}, [500], 256) and not is_sparse({}, [], 256)

@@ -194,7 +194,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         judge_structure(cand, scenes[cand.material_id], structures.get(cand.scale), opts,
                         baselines.get(cand.scale, 1.0), desc, target.by_scale[cand.scale]["descriptor"],
                         deadline=t_start + opts.budget_s)
-    best = choose_result(candidates)
+    best = choose_result(candidates, sparse=is_sparse(structures, [c.scale for c in candidates], opts.size))
     mat = lib[best.material_id]
     scene = scenes[best.material_id]
     preview = scene.render_numpy(best.x_final, seed=EVAL_SEEDS[0])
@@ -536,16 +536,31 @@ def same_kind_of_specimen(cand: Candidate) -> bool:
     return (cand.structure_terms or {}).get("shape", 0.0) < 1.0
 
 
-def choose_result(candidates: list[Candidate]) -> Candidate:
+def choose_result(candidates: list[Candidate], sparse: bool = False) -> Candidate:
     """The refined candidate with the best final score among those that show the reference's
-    kind of specimen (:func:`same_kind_of_specimen`), or among all when none does.
+    kind of specimen (:func:`same_kind_of_specimen`), or among all when none does; for a
+    ``sparse`` reference (:func:`is_sparse`) the one whose judged render measures closest to
+    the reference (structure distance; the score breaks ties).
 
     The kind of specimen is what a microscopist checks first; in the score it is one structure
     term among several, and a candidate of compact particles whose texture matches a branched
     reference's closely can tie with the aggregate material (docs/decisions.md, "Fit: a
-    material classifier picks candidates")."""
-    same = [c for c in candidates if same_kind_of_specimen(c)]
-    return min(same or candidates, key=lambda c: c.score)
+    material classifier picks candidates"). In a sparse field the descriptor compares renders
+    that are mostly background, and a render with many times the reference's particles of
+    another instrument can be the closest (docs/decisions.md, "Fit: aggregate size corrected,
+    sparse references judged by their measured structure")."""
+    same = [c for c in candidates if same_kind_of_specimen(c)] or candidates
+    if sparse:
+        return min(same, key=lambda c: (round(c.structure_distance, 3), c.score))
+    return min(same, key=lambda c: c.score)
+
+
+def is_sparse(structures: dict, scales, render_size: int) -> bool:
+    """Whether a ranking render holds fewer than :data:`JUDGE_MIN_COUNT` of the reference's
+    particles at every one of ``scales`` (the refined candidates' working scales)."""
+    counts = [expected_count(structures[s], render_size) if structures.get(s) is not None else None
+              for s in scales]
+    return bool(counts) and all(n is not None and n < JUDGE_MIN_COUNT for n in counts)
 
 
 def judge_structure(cand: Candidate, scene, structure, opts: FitOptions, baseline: float = 1.0,
@@ -595,7 +610,9 @@ FINISH_STEPS = 2
 
 def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baseline: float, desc,
                     target_descriptor, field=None, measurement=None, deadline: float = math.inf) -> None:
-    """Correct the refined candidate's particle size and coverage until its render (``field``,
+    """Correct the refined candidate's particle size and coverage (and, for agglomerates on a
+    judged field larger than the ranking render, the primaries per aggregate: the reference's
+    aggregate size) until its render (``field``,
     default :func:`judge_field_scene`) measures like the reference (refinement changes blur,
     contrast and noise, which move the measured edges, but never the geometry), keeping each
     step only when the combined score improves. ``measurement`` is that render's measurement
@@ -604,13 +621,17 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
     mat = scene.material
     field = field or judge_field_scene(scene, structure)
     m = measurement
+    # Aggregate size is corrected only where the judged field is larger than the ranking
+    # render's, i.e. holds several of the reference's aggregates (judge_field_factor).
+    clusters = field is not scene and mat.geometry_kind == "agglomerates"
+    corrected = ("size", "coverage", "cluster") if clusters else ("size", "coverage")
     for _ in range(FINISH_STEPS):
         terms = cand.structure_terms or {}
-        if max(terms.get("size", 0.0), terms.get("coverage", 0.0)) <= CORRECT_ABOVE or time.time() > deadline:
+        if max(terms.get(k, 0.0) for k in corrected) <= CORRECT_ABOVE or time.time() > deadline:
             return
         if m is None:
             m = measure_render(field.render_numpy(cand.x_final, seed=EVAL_SEEDS[0]))
-        x_new = correct_geometry(mat, cand.x_final, structure, m)
+        x_new = correct_geometry(mat, cand.x_final, structure, m, clusters=clusters)
         if np.allclose(x_new, cand.x_final, atol=1e-4):
             return
         m_new = measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0]))

@@ -222,9 +222,14 @@ def rendered_size_param(material, x: np.ndarray) -> float | None:
     return physical_value(material, x, name)
 
 
-def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_measurement) -> np.ndarray:
+def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_measurement,
+                     clusters: bool = False) -> np.ndarray:
     """One correction step: scale the size parameter by target / measured-on-render diameter and
-    shift coverage by the measured difference, so the render *measures* like the reference."""
+    shift coverage by the measured difference, so the render *measures* like the reference.
+    With ``clusters`` (a render field large enough to hold the reference's aggregates), an
+    agglomerate material's primaries per aggregate are scaled by the reference's over the
+    render's cluster area too (a projected aggregate's area grows about linearly with its
+    primaries below fractal dimension 2)."""
     m = render_measurement
     x = np.asarray(x, dtype=np.float64).copy()
     d_t = target.diameter_render
@@ -237,11 +242,18 @@ def correct_geometry(material, x: np.ndarray, target: StructureTarget, render_me
         cov_now += physical_value(material, x, "second_coverage") or 0.0
     new_cov = None if cov_now is None else cov_now + float(np.clip(target.coverage - m.coverage, -0.25, 0.25))
     e = target.measurement.shape.get("elongation")
-    # Primaries per agglomerate are left to the proposal: a ranking render (256 px) cannot hold
-    # an aggregate as large as the few big ones of a sparse TEM field, and forcing their size
-    # leaves a render with one cut aggregate whose coverage and texture match nothing.
+    # Without ``clusters`` primaries per agglomerate are left to the proposal: a ranking render
+    # (256 px) cannot hold an aggregate as large as the few big ones of a sparse TEM field, and
+    # forcing their size leaves a render with one cut aggregate whose coverage and texture match
+    # nothing.
+    count = None
+    if clusters and material.geometry_kind == "agglomerates" and target.shape_class == "branched":
+        a_t, a_r = target_cluster_area(target), cluster_area(m)
+        n_now = physical_value(material, x, "primary_count")
+        if a_t and a_r and n_now:
+            count = n_now * float(np.clip(a_t / a_r, 1 / 3, 3.0))
     return impose_geometry(material, x, None if cur is None else cur * ratio, new_cov,
-                           elongation=e if material.geometry_kind == "rods" else None)
+                           elongation=e if material.geometry_kind == "rods" else None, primary_count=count)
 
 
 def target_cluster_area(target: StructureTarget) -> float | None:
