@@ -6,8 +6,8 @@ the predictors' cached training renders (random parameters of every material, th
 features the predictors read), so it knows each material's whole parameter range, where the
 ranking only sees each material at the one parameter vector its predictor proposed.
 
-The fit uses it to make sure the material it finds most probable is among the refined
-candidates (:func:`fitting.fit.candidates.keep_classified_candidate`).
+The fit refines the materials it finds most probable beside the ranking's best
+(:func:`fitting.fit.candidates.classified_candidates`).
 """
 from __future__ import annotations
 

@@ -623,7 +623,7 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
     m = measurement
     # Aggregate size is corrected only where the judged field is larger than the ranking
     # render's, i.e. holds several of the reference's aggregates (judge_field_factor).
-    clusters = field is not scene and mat.geometry_kind == "agglomerates"
+    clusters = field.settings.size > scene.settings.size and mat.geometry_kind == "agglomerates"
     corrected = ("size", "coverage", "cluster") if clusters else ("size", "coverage")
     for _ in range(FINISH_STEPS):
         terms = cand.structure_terms or {}
