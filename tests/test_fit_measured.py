@@ -298,17 +298,26 @@ def test_a_chosen_imaging_kind_restricts_the_candidates():
     assert abs(sum(probs.values()) - 1.0) < 0.01 and list(probs)[0] == res.classifier["choice"]
     refined = [c.material_id for c in res.candidates]
     assert refined[0] == res.ranking[0]["material"] and set(list(probs)[:2]) <= set(refined)
+    # ... and its probability of each refined material weighed that candidate's final score
+    for c in res.candidates:
+        assert c.classifier_probability is not None and c.classifier_probability >= 1e-4
+        assert c.summary()["classifier_probability"] == c.classifier_probability
+        if c.material_id in probs:     # the summary keeps the five most probable
+            assert c.classifier_probability == pytest.approx(max(probs[c.material_id], 1e-4))
     assert any(e.message and e.message.startswith("material classifier: ") for e in events)
     measured = [e for e in events if e.stage == "measure" and "measured" in e.data]
     assert measured and measured[0].data["measured"]["outline"].dtype == np.uint8
 
 
-def test_later_working_scales_visit_the_closest_materials_first():
-    """Every material is ranked at the first working scale; the second scale visits them in
-    the order of their first-scale distance, so a ranking cut short by its deadline leaves the
-    least promising materials with one scale."""
+def test_later_working_scales_visit_the_closest_materials_first(monkeypatch):
+    """Every material is ranked at the first working scale; the second scale visits a fixed
+    number of them (``LATER_SCALE_MATERIALS``, 2 here) in the order of their first-scale
+    distance, however much ranking time is left, so which materials reach it does not depend
+    on the machine's speed."""
     from fitting.core.events import CancelToken
+    from fitting.fit import candidates
     from fitting.fit.candidates import rank_materials
+    monkeypatch.setattr(candidates, "LATER_SCALE_MATERIALS", 2)
     from fitting.fit.pipeline import prepare_target
     from fitting.reference.loading import load_reference
     names = ["tem_carbon_black", "sem_polystyrene_spheres", "sem_faceted_crystals", "optical_insitu_probe"]
@@ -326,12 +335,30 @@ def test_later_working_scales_visit_the_closest_materials_first():
     rank_materials(prep.library, scenes, prep.target, prep.descriptor, opts, sink, CancelToken(),
                    structures=prep.structures, all_entries=entries)
     n = len(prep.library)
-    assert len(visits) == 2 * n
+    assert len(visits) == n + 2
     first = prep.target.scales[0]
     assert [m for m, _ in visits[:n]] == list(prep.library)
     at_first = {m: min(e["distance"] for e in entries if e["material"] == m and e["scale"] == first)
                 for m in prep.library}
-    assert [m for m, _ in visits[n:]] == sorted(prep.library, key=at_first.get)
+    assert [m for m, _ in visits[n:]] == sorted(prep.library, key=at_first.get)[:2]
+
+
+def test_a_later_scale_s_baseline_does_not_depend_on_which_materials_visited_it():
+    """The first scale's baseline is the median over every material; a later scale's is that
+    times the median ratio of the same materials' distances at both scales, so visiting one
+    more (worse) material at the later scale does not move it."""
+    from fitting.fit.candidates import scale_baselines
+
+    def e(m, s, d):
+        return {"material": m, "scale": s, "descriptor_distance": d}
+    first = [e("a", 300, 1.0), e("b", 300, 2.0), e("c", 300, 4.0), e("d", 300, 8.0), e("a", 300, 1.5)]
+    later = [e("a", 600, 0.5), e("b", 600, 1.0)]
+    base = scale_baselines(first + later)
+    assert base[300] == pytest.approx(3.0)            # median of the best per material: 1, 2, 4, 8
+    assert base[600] == pytest.approx(1.5)            # 3.0 x median(0.5, 0.5)
+    assert scale_baselines(first + later + [e("d", 600, 4.0)])[600] == pytest.approx(1.5)
+    assert scale_baselines(later) == {600: pytest.approx(0.75)}
+    assert scale_baselines([]) == {}
 
 
 @pytest.fixture(scope="module")
@@ -439,3 +466,31 @@ def test_a_sparse_reference_is_judged_by_its_measured_structure():
     assert is_sparse({500: few}, [500], 256) and not is_sparse({500: many}, [500], 256)
     assert not is_sparse({500: few, 250: many}, [500, 250], 256)
     assert not is_sparse({500: None}, [500], 256) and not is_sparse({}, [], 256)
+
+
+def test_the_classifier_weighs_the_final_choice_between_near_tied_candidates():
+    """Each refined candidate's score is multiplied by 1 + w x -ln p: of two siblings within
+    10 % of each other the one the classifier finds more probable wins, a clearly better score
+    still wins against the classifier, and without a classifier or at weight 0 nothing changes."""
+    from fitting.fit.pipeline import CLASSIFIER_FLOOR, choose_result, weigh_by_classifier
+
+    def cand(mid, score):
+        c = Candidate(material_id=mid, scale=500, x_initial=np.zeros(3), distance_initial=0.1)
+        c.score, c.structure_distance, c.structure_terms = score, 0.2, {"shape": 0.0}
+        return c
+    probs = {"raspberry": 0.7, "polystyrene": 0.2, "nanorods": 0.0}
+    a, b, far = cand("polystyrene", 0.30), cand("raspberry", 0.32), cand("nanorods", 0.10)
+    for c in (a, b, far):
+        weigh_by_classifier(c, probs, 0.3)
+    assert a.score == pytest.approx(0.30 * (1 + 0.3 * -math.log(0.2)))
+    assert b.classifier_probability == 0.7 and far.classifier_probability == CLASSIFIER_FLOOR
+    assert choose_result([a, b]) is b
+    assert far.score == pytest.approx(0.10 * (1 + 0.3 * -math.log(CLASSIFIER_FLOOR)))
+    assert choose_result([cand("polystyrene", 0.30), cand("nanorods", 0.05)]).material_id == "nanorods"
+    for probabilities, weight in ((None, 0.3), (probs, 0.0)):
+        c = cand("polystyrene", 0.30)
+        weigh_by_classifier(c, probabilities, weight)
+        assert c.score == 0.30 and c.classifier_probability is None
+    assert FitOptions().final_classifier_weight == 0.3
+    with pytest.raises(Exception, match="final_classifier_weight"):
+        FitOptions(final_classifier_weight=-1)

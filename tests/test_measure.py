@@ -120,6 +120,31 @@ def test_discs_size_coverage_polarity(kind):
     assert 0.5 < m.confidence["polarity"] <= 1.0
 
 
+@pytest.mark.parametrize("cores", [1, 2])
+def test_dark_discs_around_a_bright_core_are_bright_field_colloids(cores):
+    """A dark disc whose centre is brighter than the background (a refracting sphere in bright
+    field whose dark ring outweighs its core) is measured as "outline", the whole disc being the
+    particle; dark particles around several bright holes (a network around bright islands)
+    stay "dark"."""
+    rng = np.random.default_rng(11)
+    shape = (320, 320)
+    discs = _place_discs(rng, shape, 30, gmean=20.0, gsd=1.15, touching_pairs=0)
+    img, truth = _render(shape, discs, "dark", rng)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    for y, x, d in discs:
+        offsets = [(0.0, 0.0)] if cores == 1 else [(0.0, -0.22 * d), (0.0, 0.22 * d)]
+        for dy, dx in offsets:
+            core = np.hypot(yy - y - dy, xx - x - dx) <= (0.2 if cores == 1 else 0.12) * d
+            img[core] = 0.9
+    m = measure_particles(img)
+    if cores == 1:
+        assert m.polarity == "outline"
+        assert m.gmean_px == pytest.approx(_true_stats(discs, shape), rel=0.15)
+        assert m.coverage == pytest.approx(truth.mean(), abs=0.05)
+    else:
+        assert m.polarity == "dark"
+
+
 def test_sizes_reported_in_input_pixels_for_large_images():
     # A large image with large particles is measured downsampled; sizes stay in input px.
     rng = np.random.default_rng(7)

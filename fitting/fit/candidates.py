@@ -105,13 +105,36 @@ def measure_render(img, method: str = "auto") -> object:
 
 
 def scale_baselines(entries: list[dict]) -> dict[int, float]:
-    """Median descriptor distance of the materials' best entries at each working scale."""
+    """Each working scale's typical descriptor distance: the median over the materials' best
+    entries at the scale every material visited (the one with most materials), and at every
+    other scale that median times the median ratio of a material's distance there to its
+    distance at the first, over the materials that visited both. Paired, a later scale's
+    baseline does not depend on which materials it visited (the best ones, which have lower
+    distances than the library's median)."""
     per: dict[int, dict[str, float]] = {}
     for e in entries:
         m = per.setdefault(e["scale"], {})
         m[e["material"]] = min(m.get(e["material"], math.inf), e["descriptor_distance"])
-    return {s: max(float(np.median(list(v.values()))), 1e-6) for s, v in per.items()}
+    if not per:
+        return {}
+    first = max(per, key=lambda s: len(per[s]))
+    base = {first: max(float(np.median(list(per[first].values()))), 1e-6)}
+    for s, v in per.items():
+        if s == first:
+            continue
+        both = [m for m in v if m in per[first]]
+        if both:
+            ratio = float(np.median([v[m] / max(per[first][m], 1e-6) for m in both]))
+            base[s] = max(base[first] * ratio, 1e-6)
+        else:
+            base[s] = max(float(np.median(list(v.values()))), 1e-6)
+    return base
 
+
+#: Materials each later working scale visits: the first scale's best, in order. A fixed number,
+#: not as many as the ranking's time allows, so that which materials reach a finer scale (and
+#: with them the ranking) does not depend on the machine's speed that minute.
+LATER_SCALE_MATERIALS = 6
 
 #: Geometry kinds whose particles can form branched aggregates.
 BRANCHED_KINDS = ("agglomerates",)
@@ -272,8 +295,8 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             lib.items(), key=lambda item: best[item[0]]["distance"] if item[0] in best else math.inf)
         for i, (mid, mat) in enumerate(order):
             cancel.check("the fit")
-            if k > 0 and time.time() > search_deadline:
-                break   # out of ranking time: the scales ranked so far decide
+            if k > 0 and (i >= LATER_SCALE_MATERIALS or time.time() > search_deadline):
+                break   # the scales ranked so far decide
             if mid not in proposals:
                 pred = load_predictor(mat, backbone=desc.backbone_id,
                                       on_warning=lambda m: _emit(sink, "log", stage="rank", message=m))

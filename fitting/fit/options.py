@@ -61,6 +61,11 @@ class FitOptions:
     # finds most probable (fitting/fit/classifier.py, `matfit train --classifier`); the first
     # is always the ranking's best. 0, or no current classifier file: the ranking's best ``top_k``.
     classified_candidates: int = 2
+    # The final choice multiplies each refined candidate's score by (1 + this x -ln p), p the
+    # classifier's probability of its material: refined siblings often end within the noise of
+    # a 256 px render's distance, and the classifier has seen each material's whole range
+    # (docs/decisions.md, "Fit: a ranking that does not depend on the machine's speed; ...").
+    final_classifier_weight: float = 0.3
     # Pixel size typed by the user (nm); None = from the file's tags, if any.
     pixel_size_nm: float | None = None
     # Refinement backtracks to its best point and halves the step when a loss jumps above
@@ -76,7 +81,7 @@ class FitOptions:
         if int(self.classified_candidates) < 0:
             raise MatfitError(f"classified_candidates must be >= 0, got {self.classified_candidates}",
                               hint="0 refines the ranking's best materials only")
-        for name in ("structure_weight", "final_structure_weight"):
+        for name in ("structure_weight", "final_structure_weight", "final_classifier_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise MatfitError(f"{name} must be >= 0, got {getattr(self, name)}",
                                   hint="0 ranks by the texture descriptor alone")

@@ -26,6 +26,8 @@ class Candidate:
     structure_distance: float = 0.0
     # distance_final relative to its scale's ranking median x (1 + final_structure_weight x structure_distance)
     score: float | None = None
+    # The classifier's probability of this material, when it weighed the final score.
+    classifier_probability: float | None = None
     # The measurement of x_initial's render on the judged field, when settle_geometry made it.
     initial_measurement: Any = field(default=None, repr=False, compare=False)
 
@@ -40,7 +42,8 @@ class Candidate:
                 "structure_distance": round(self.structure_distance, 4),
                 "structure_terms": ({k: round(v, 3) for k, v in self.structure_terms.items()}
                                     if self.structure_terms else None),
-                "score": self.score, "iterations": self.iterations, "backtracks": self.backtracks,
+                "score": self.score, "classifier_probability": self.classifier_probability,
+                "iterations": self.iterations, "backtracks": self.backtracks,
                 "seconds": round(self.seconds, 2), "stopped": self.stopped, "initial_guess": self.predictor}
 
 

@@ -71,6 +71,9 @@ BRANCHED_MAX_COVERAGE = 0.5
 #: Number-weighted granulometry ignores sizes below this fraction of the area-weighted
 #: median (boundary slivers; see ``_number_weights``).
 GRAN_FLOOR = 0.4
+#: Area share of a dark particle phase in particles with a core brighter than the background
+#: above which the particles are bright-field colloids ("outline"), however thick their ring.
+CORED_SHARE = 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -471,7 +474,8 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     # interiors (emulsion droplets: thin dark rims), or the opposite tail forms rings that
     # enclose the particle phase and outweigh it (bright-field colloids: bright core in a
     # dark diffraction ring; a thin bright Fresnel halo around dark TEM particles is far
-    # smaller than the particles and does not count).
+    # smaller than the particles and does not count), or dark discs hold bright cores
+    # (the same colloids where the ring outweighs the core).
     holes_p = _fill_interiors(mask, min_area)
     opp = _remove_small((s < bmode - 4.0 * sigma_b) & valid, 0.25 * min_area)
     holes_o = _fill_interiors(opp, min_area)
@@ -479,10 +483,16 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     rim_self = n_mask > 0 and holes_p.sum() >= 0.6 * n_mask
     rim_opp = (n_mask > 0 and n_opp >= n_mask and holes_o.sum() >= 0.25 * n_opp
                and (holes_o & mask).sum() >= 0.5 * n_mask)
+    rim_core = (n_mask > 0 and side == "dark" and not (rim_self or rim_opp)
+                and _cored_share(mask, s < bmode - 4.0 * sigma_b) >= CORED_SHARE)
     rim_width = 0.0
-    if polarity == "outline" or (polarity == "auto" and (rim_self or rim_opp)):
+    if polarity == "outline" or (polarity == "auto" and (rim_self or rim_opp or rim_core)):
         result_pol = "outline"
-        if rim_opp and not rim_self:
+        if rim_core:
+            # Dark disc around a bright core (a colloid whose dark ring outweighs its core):
+            # the particle is the whole disc, ring and core together.
+            mask = ndi.binary_fill_holes(mask) & valid
+        elif rim_opp and not rim_self:
             # Bright core in a dark ring (bright-field colloid): the ring lies outside the
             # particle, which ends where the ring starts. The ring is taken at half its own
             # depth so the slowly decaying outer halo does not widen it.
@@ -505,8 +515,29 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
             mask = np.isin(lab, closed[closed > 0])
         mask = _remove_small(mask, 0.5 * min_area)
     out.update(mask=mask, polarity=result_pol, rim_width=rim_width,
-               rim_self=bool(rim_self), rim_opp=bool(rim_opp))
+               rim_self=bool(rim_self), rim_opp=bool(rim_opp), rim_core=bool(rim_core))
     return out
+
+
+def _cored_share(mask: np.ndarray, brighter: np.ndarray) -> float:
+    """Share of a dark particle phase's area in particles that each enclose one core brighter
+    than the background (``brighter``): refracting spheres in bright field focus light into
+    their centre, whereas absorbing (TEM) particles are nowhere brighter than their film. A dark
+    network around many bright holes (a substrate between bright islands) is not such a
+    particle: it holds several cores, and they fill most of it."""
+    filled = ndi.binary_fill_holes(mask)
+    cores = filled & ~mask & brighter
+    if not cores.any():
+        return 0.0
+    lab = measure.label(filled)
+    core_lab = measure.label(cores)
+    owner = ndi.maximum(lab, core_lab, index=np.arange(1, core_lab.max() + 1)).astype(np.int64)
+    n_cores = np.bincount(owner, minlength=lab.max() + 1)
+    core_area = np.bincount(lab[cores], minlength=lab.max() + 1)
+    area = np.bincount(lab.ravel(), minlength=lab.max() + 1)
+    single = (n_cores == 1) & (core_area <= 0.5 * area)
+    single[0] = False
+    return float(single[lab[mask]].mean())
 
 
 def foreground_mask(gray, valid=None, polarity: str = "auto",

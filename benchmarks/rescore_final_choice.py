@@ -1,0 +1,139 @@
+"""Rescore the final choice among stored refined candidates with the classifier's probabilities.
+
+Each synthetic benchmark row stores its three refined candidates (score, structure terms);
+``classifier_synthetic.json`` (``bench_classifier.py synthetic``) stores the classifier's
+probabilities of every target. This replays the final choice -- the kind-of-specimen rule, then
+the lowest score -- with each candidate's score multiplied by ``1 + g x -ln p`` for several
+weights ``g``, and with a tie-break (the most probable material among the candidates within a
+fraction of the best score). Nothing is rendered; a run takes a second.
+
+    python benchmarks/rescore_final_choice.py -o benchmarks/results/final_choice_rescored.md
+
+Approximations: the sparse-reference rule (structure first) is not replayed on the synthetic
+rows, which do not store whether a reference was sparse (on the real set it is, for trackpy);
+where a row has ``score_own_layout`` (the held-out experiment of run 14), that is the score
+used. The real set's section reads ``real_run*.json`` and ``classifier_real.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = {
+    "run 12": ["fit_synthetic_run12.json", "fit_synthetic_run12_targets20to39.json"],
+    "run 13": ["fit_synthetic_run13.json", "fit_synthetic_run13_targets20to39.json"],
+    "run 14 (held-out experiment, own-layout scores)": ["fit_synthetic_run14_heldout.json",
+                                                        "fit_synthetic_run14_heldout_targets20to39.json"],
+}
+FLOOR = 1e-4
+
+
+def own_score(c: dict) -> float:
+    return c["score_own_layout"] if c.get("score_own_layout") is not None else c["score"]
+
+
+def same_kind(cands: list[dict]) -> list[dict]:
+    """The candidates that show the reference's kind of specimen (shape term below 1), or all."""
+    keep = [c for c in cands if not (c.get("structure_terms") or {}).get("shape", 0.0) >= 1.0]
+    return keep or cands
+
+
+def choose_weighed(cands: list[dict], p: dict[str, float], g: float) -> str:
+    pool = same_kind(cands)
+    return min(pool, key=lambda c: own_score(c) * (1.0 + g * -math.log(max(p.get(c["material"], 0.0), FLOOR))))[
+        "material"]
+
+
+def choose_tie_break(cands: list[dict], p: dict[str, float], within: float) -> str:
+    pool = same_kind(cands)
+    best = min(own_score(c) for c in pool)
+    near = [c for c in pool if own_score(c) <= (1.0 + within) * best]
+    return max(near, key=lambda c: p.get(c["material"], 0.0))["material"]
+
+
+#: Runs whose scores the classifier did not weigh yet.
+REAL_RUNS = ["real_run12.json", "real_run13.json", "real_run14a.json"]
+
+
+def real_section(weights) -> list[str]:
+    """The same weights on the real set's stored candidates (classifier_real.json), accepted
+    results strict and by look; trackpy, the set's one sparse reference, keeps the sparse rule
+    (measured structure first)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_real import REFERENCE_DIR, accepted_by_look
+    labels_path = REFERENCE_DIR / "labels.json"
+    if not labels_path.exists() or not (RESULTS / "classifier_real.json").exists():
+        return []
+    labels = json.loads(labels_path.read_text())["images"]
+    probs = {r["target"]: r["probabilities"]
+             for r in json.loads((RESULTS / "classifier_real.json").read_text())["rows"]}
+    out = ["", "Real set (accepted / accepted by look, of 11; classifier_real.json):", "",
+           "| candidates of | " + " | ".join(f"g = {g:g}" for g in weights) + " |",
+           "|---|" + "---|" * len(weights)]
+    for f in REAL_RUNS:
+        path = RESULTS / f
+        if not path.exists():
+            continue
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["image"] in probs]
+        cells = []
+        for g in weights:
+            strict = look = 0
+            for r in rows:
+                p = probs[r["image"]]
+                if "trackpy" in r["image"]:
+                    m = min(same_kind(r["candidates"]),
+                            key=lambda c: (round(c["structure_distance"], 3), own_score(c)))["material"]
+                else:
+                    m = choose_weighed(r["candidates"], p, g)
+                accept = set(labels[r["image"]]["accept"])
+                strict += m in accept
+                look += accepted_by_look(m, accept)
+            cells.append(f"{strict} / {look}")
+        out.append(f"| {f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out", help="write the table here (Markdown) as well as to stdout")
+    args = ap.parse_args(argv)
+    probs = {r["target"]: r["probabilities"]
+             for r in json.loads((RESULTS / "classifier_synthetic.json").read_text())["rows"]}
+    weights = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+    ties = (0.05, 0.1, 0.2, 0.3, 0.5)
+    lines = ["# Final choice rescored with the classifier (result = true material, of the targets)", "",
+             "Command: `python benchmarks/rescore_final_choice.py`. Score x (1 + g x -ln p), p floored at "
+             f"{FLOOR:g}; tie-break: the classifier's most probable material among the candidates within "
+             "the given fraction of the best score. The kind-of-specimen rule applies first in both.", "",
+             "| candidates of | targets | " + " | ".join(f"g = {g:g}" for g in weights) + " | "
+             + " | ".join(f"tie {t:g}" for t in ties) + " |",
+             "|---|---|" + "---|" * (len(weights) + len(ties))]
+    for name, files in RUNS.items():
+        rows = []
+        for f in files:
+            path = RESULTS / f
+            if path.exists():
+                rows += json.loads(path.read_text())["rows"]
+        rows = [r for r in rows if r["target"] in probs]
+        if not rows:
+            continue
+        w = [sum(choose_weighed(r["candidates"], probs[r["target"]], g) == r["material"] for r in rows)
+             for g in weights]
+        t = [sum(choose_tie_break(r["candidates"], probs[r["target"]], x) == r["material"] for r in rows)
+             for x in ties]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(map(str, w)) + " | " + " | ".join(map(str, t)) + " |")
+    lines += real_section(weights)
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
