@@ -84,7 +84,8 @@ class FitOptions:
         for name in ("structure_weight", "final_structure_weight", "final_classifier_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise MatfitError(f"{name} must be >= 0, got {getattr(self, name)}",
-                                  hint="0 ranks by the texture descriptor alone")
+                                  hint="0 leaves that term out of the score (the structure weights: "
+                                       "the texture descriptor alone decides)")
         for name in ("loss_crop", "screen_loss_crop"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise MatfitError(f"{name} must be a fraction in 0..1, got {getattr(self, name)}",
