@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,30 +29,42 @@ RUNS = {
     "run 14 (held-out experiment, own-layout scores)": ["fit_synthetic_run14_heldout.json",
                                                         "fit_synthetic_run14_heldout_targets20to39.json"],
 }
-FLOOR = 1e-4
+sys.path.insert(0, str(ROOT))
 
 
-def own_score(c: dict) -> float:
-    return c["score_own_layout"] if c.get("score_own_layout") is not None else c["score"]
+def candidates_of(row: dict) -> list:
+    """The row's refined candidates as the fit's own :class:`Candidate` objects, scored as the
+    final choice saw them before any classifier weight."""
+    import numpy as np
+    from fitting.fit.results import Candidate
+    out = []
+    for c in row["candidates"]:
+        k = Candidate(c["material"], c["scale"], np.zeros(1), c["distance_initial"],
+                      distance_final=c["distance_final"])
+        k.structure_terms, k.structure_distance = c["structure_terms"], c["structure_distance"] or 0.0
+        k.score = c["score_own_layout"] if c.get("score_own_layout") is not None else c["score"]
+        out.append(k)
+    return out
 
 
-def same_kind(cands: list[dict]) -> list[dict]:
-    """The candidates that show the reference's kind of specimen (shape term below 1), or all."""
-    keep = [c for c in cands if not (c.get("structure_terms") or {}).get("shape", 0.0) >= 1.0]
-    return keep or cands
+def choose_weighed(row: dict, p: dict[str, float], g: float, sparse: bool = False) -> str:
+    """The fit's final choice with the classifier's weight ``g``."""
+    from fitting.fit.pipeline import choose_result, weigh_by_classifier
+    cands = candidates_of(row)
+    for c in cands:
+        weigh_by_classifier(c, p, g)
+    return choose_result(cands, sparse=sparse).material_id
 
 
-def choose_weighed(cands: list[dict], p: dict[str, float], g: float) -> str:
-    pool = same_kind(cands)
-    return min(pool, key=lambda c: own_score(c) * (1.0 + g * -math.log(max(p.get(c["material"], 0.0), FLOOR))))[
-        "material"]
-
-
-def choose_tie_break(cands: list[dict], p: dict[str, float], within: float) -> str:
-    pool = same_kind(cands)
-    best = min(own_score(c) for c in pool)
-    near = [c for c in pool if own_score(c) <= (1.0 + within) * best]
-    return max(near, key=lambda c: p.get(c["material"], 0.0))["material"]
+def choose_tie_break(row: dict, p: dict[str, float], within: float) -> str:
+    """The classifier's most probable material among the candidates of the reference's kind of
+    specimen within ``within`` of the best score."""
+    from fitting.fit.pipeline import same_kind_of_specimen
+    cands = candidates_of(row)
+    pool = [c for c in cands if same_kind_of_specimen(c)] or cands
+    best = min(c.score for c in pool)
+    near = [c for c in pool if c.score <= (1.0 + within) * best]
+    return max(near, key=lambda c: p.get(c.material_id, 0.0)).material_id
 
 
 #: Runs whose scores the classifier did not weigh yet.
@@ -85,11 +96,7 @@ def real_section(weights) -> list[str]:
             strict = look = 0
             for r in rows:
                 p = probs[r["image"]]
-                if "trackpy" in r["image"]:
-                    m = min(same_kind(r["candidates"]),
-                            key=lambda c: (round(c["structure_distance"], 3), own_score(c)))["material"]
-                else:
-                    m = choose_weighed(r["candidates"], p, g)
+                m = choose_weighed(r, p, g, sparse="trackpy" in r["image"])
                 accept = set(labels[r["image"]]["accept"])
                 strict += m in accept
                 look += accepted_by_look(m, accept)
@@ -102,13 +109,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", help="write the table here (Markdown) as well as to stdout")
     args = ap.parse_args(argv)
+    from fitting.fit.pipeline import CLASSIFIER_FLOOR
     probs = {r["target"]: r["probabilities"]
              for r in json.loads((RESULTS / "classifier_synthetic.json").read_text())["rows"]}
     weights = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
     ties = (0.05, 0.1, 0.2, 0.3, 0.5)
     lines = ["# Final choice rescored with the classifier (result = true material, of the targets)", "",
              "Command: `python benchmarks/rescore_final_choice.py`. Score x (1 + g x -ln p), p floored at "
-             f"{FLOOR:g}; tie-break: the classifier's most probable material among the candidates within "
+             f"{CLASSIFIER_FLOOR:g} (`weigh_by_classifier`, then the fit's `choose_result`); tie-break: the classifier's most probable material among the candidates within "
              "the given fraction of the best score. The kind-of-specimen rule applies first in both.", "",
              "| candidates of | targets | " + " | ".join(f"g = {g:g}" for g in weights) + " | "
              + " | ".join(f"tie {t:g}" for t in ties) + " |",
@@ -122,9 +130,9 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r["target"] in probs]
         if not rows:
             continue
-        w = [sum(choose_weighed(r["candidates"], probs[r["target"]], g) == r["material"] for r in rows)
+        w = [sum(choose_weighed(r, probs[r["target"]], g) == r["material"] for r in rows)
              for g in weights]
-        t = [sum(choose_tie_break(r["candidates"], probs[r["target"]], x) == r["material"] for r in rows)
+        t = [sum(choose_tie_break(r, probs[r["target"]], x) == r["material"] for r in rows)
              for x in ties]
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(map(str, w)) + " | " + " | ".join(map(str, t)) + " |")
     lines += real_section(weights)

@@ -355,9 +355,10 @@ def _remove_small(mask: np.ndarray, max_area: float) -> np.ndarray:
         return morphology.remove_small_objects(mask, min_size=n + 1)
 
 
-def _fill_interiors(rim: np.ndarray, min_area: float) -> np.ndarray:
-    """Enclosed interiors (holes) of a mask, without the specks below ``min_area``."""
-    holes = ndi.binary_fill_holes(rim) & ~rim
+def _fill_interiors(rim: np.ndarray, min_area: float, filled: np.ndarray | None = None) -> np.ndarray:
+    """Enclosed interiors (holes) of a mask, without the specks below ``min_area``
+    (``filled``: the mask with its holes filled, when the caller has it already)."""
+    holes = (ndi.binary_fill_holes(rim) if filled is None else filled) & ~rim
     if holes.any():
         holes = _remove_small(holes, min_area)
     return holes
@@ -476,22 +477,24 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     # dark diffraction ring; a thin bright Fresnel halo around dark TEM particles is far
     # smaller than the particles and does not count), or dark discs hold bright cores
     # (the same colloids where the ring outweighs the core).
-    holes_p = _fill_interiors(mask, min_area)
-    opp = _remove_small((s < bmode - 4.0 * sigma_b) & valid, 0.25 * min_area)
+    brighter = s < bmode - 4.0 * sigma_b       # the opposite tail: brighter than the background
+    filled_p = ndi.binary_fill_holes(mask)
+    holes_p = _fill_interiors(mask, min_area, filled_p)
+    opp = _remove_small(brighter & valid, 0.25 * min_area)
     holes_o = _fill_interiors(opp, min_area)
     n_mask, n_opp = int(mask.sum()), int(opp.sum())
     rim_self = n_mask > 0 and holes_p.sum() >= 0.6 * n_mask
     rim_opp = (n_mask > 0 and n_opp >= n_mask and holes_o.sum() >= 0.25 * n_opp
                and (holes_o & mask).sum() >= 0.5 * n_mask)
     rim_core = (n_mask > 0 and side == "dark" and not (rim_self or rim_opp)
-                and _cored_share(mask, s < bmode - 4.0 * sigma_b) >= CORED_SHARE)
+                and _cored_share(mask, filled_p, brighter) >= CORED_SHARE)
     rim_width = 0.0
     if polarity == "outline" or (polarity == "auto" and (rim_self or rim_opp or rim_core)):
         result_pol = "outline"
         if rim_core:
             # Dark disc around a bright core (a colloid whose dark ring outweighs its core):
             # the particle is the whole disc, ring and core together.
-            mask = ndi.binary_fill_holes(mask) & valid
+            mask = filled_p & valid
         elif rim_opp and not rim_self:
             # Bright core in a dark ring (bright-field colloid): the ring lies outside the
             # particle, which ends where the ring starts. The ring is taken at half its own
@@ -504,7 +507,7 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
             # the middle of the rim, so the filled outline shrinks by half the rim width
             # (width = 2 area / perimeter for a thin closed band).
             rims = mask
-            filled = ndi.binary_fill_holes(rims) & valid
+            filled = filled_p & valid
             rim_width = 2.0 * float(rims.sum()) / max(measure.perimeter(rims), 1.0)
             mask = filled & (ndi.distance_transform_edt(filled) > 0.5 * rim_width)
             # Open arcs (rims cut by the frame or the invalid region, broken rims) enclose
@@ -519,13 +522,13 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     return out
 
 
-def _cored_share(mask: np.ndarray, brighter: np.ndarray) -> float:
+def _cored_share(mask: np.ndarray, filled: np.ndarray, brighter: np.ndarray) -> float:
     """Share of a dark particle phase's area in particles that each enclose one core brighter
     than the background (``brighter``): refracting spheres in bright field focus light into
     their centre, whereas absorbing (TEM) particles are nowhere brighter than their film. A dark
     network around many bright holes (a substrate between bright islands) is not such a
-    particle: it holds several cores, and they fill most of it."""
-    filled = ndi.binary_fill_holes(mask)
+    particle: it holds several cores, and they fill most of it. ``filled``: ``mask`` with its
+    holes filled."""
     cores = filled & ~mask & brighter
     if not cores.any():
         return 0.0
