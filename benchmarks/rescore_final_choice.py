@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,13 +48,17 @@ def candidates_of(row: dict) -> list:
     return out
 
 
-def choose_weighed(row: dict, p: dict[str, float], g: float, sparse: bool = False) -> str:
-    """The fit's final choice with the classifier's weight ``g``."""
-    from fitting.fit.pipeline import choose_result, weigh_by_classifier
+def choose_weighed(row: dict, p: dict[str, float] | None, g: float, sparse: bool = False,
+                   margin: float | None = None) -> str:
+    """The fit's final choice with the classifier's weight ``g`` (``p`` None: the stored scores
+    are weighed already) and the kind-of-specimen margin (None: the fit's ``KIND_MARGIN``)."""
+    from fitting.fit.pipeline import KIND_MARGIN, choose_result, weigh_by_classifier
     cands = candidates_of(row)
-    for c in cands:
-        weigh_by_classifier(c, p, g)
-    return choose_result(cands, sparse=sparse).material_id
+    if p is not None:
+        for c in cands:
+            weigh_by_classifier(c, p, g)
+    return choose_result(cands, sparse=sparse,
+                         kind_margin=KIND_MARGIN if margin is None else margin).material_id
 
 
 def choose_tie_break(row: dict, p: dict[str, float], within: float) -> str:
@@ -69,6 +74,53 @@ def choose_tie_break(row: dict, p: dict[str, float], within: float) -> str:
 
 #: Runs whose scores the classifier did not weigh yet.
 REAL_RUNS = ["real_run12.json", "real_run13.json", "real_run14a.json"]
+#: Runs whose stored scores are weighed by the classifier (g = 0.3) already.
+WEIGHED_RUNS = {"run 14": ["fit_synthetic_run14.json", "fit_synthetic_run14_targets20to39.json"]}
+WEIGHED_REAL_RUNS = ["real_run14.json"]
+#: Kind-of-specimen margins replayed at g = 0.3 (inf: the rule overrides any score).
+MARGINS = (math.inf, 3.0, 2.0, 1.5, 1.25, 1.0)
+
+
+def margin_section(probs: dict) -> list[str]:
+    """The kind-of-specimen margin (``choose_result``'s ``kind_margin``) replayed at g = 0.3 on
+    the synthetic and real runs; margin 1 turns the rule off."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_real import REFERENCE_DIR, accepted_by_look
+    out = ["", "Kind-of-specimen margin at g = 0.3 (the rule: a candidate of the reference's kind beats a "
+           "better score only within this factor of it; synthetic: result = true of 40; real: accepted / "
+           "by look of 11):", "",
+           "| candidates of | " + " | ".join(f"margin {m:g}" for m in MARGINS) + " |",
+           "|---|" + "---|" * len(MARGINS)]
+    synthetic = {**RUNS, **WEIGHED_RUNS}
+    for name, files in synthetic.items():
+        rows = [r for f in files if (RESULTS / f).exists()
+                for r in json.loads((RESULTS / f).read_text())["rows"]]
+        weighed = name in WEIGHED_RUNS
+        rows = [r for r in rows if weighed or r["target"] in probs]
+        if rows:
+            cells = [sum(choose_weighed(r, None if weighed else probs[r["target"]], 0.3, margin=m)
+                         == r["material"] for r in rows) for m in MARGINS]
+            out.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
+    labels_path = REFERENCE_DIR / "labels.json"
+    if not labels_path.exists() or not (RESULTS / "classifier_real.json").exists():
+        return out
+    labels = json.loads(labels_path.read_text())["images"]
+    real_probs = {r["target"]: r["probabilities"]
+                  for r in json.loads((RESULTS / "classifier_real.json").read_text())["rows"]}
+    for f in REAL_RUNS + WEIGHED_REAL_RUNS:
+        if not (RESULTS / f).exists():
+            continue
+        weighed = f in WEIGHED_REAL_RUNS
+        rows = [r for r in json.loads((RESULTS / f).read_text())["rows"] if weighed or r["image"] in real_probs]
+        cells = []
+        for m in MARGINS:
+            chosen = [(r, choose_weighed(r, None if weighed else real_probs[r["image"]], 0.3,
+                                         sparse="trackpy" in r["image"], margin=m)) for r in rows]
+            strict = sum(c in set(labels[r["image"]]["accept"]) for r, c in chosen)
+            look = sum(accepted_by_look(c, set(labels[r["image"]]["accept"])) for r, c in chosen)
+            cells.append(f"{strict} / {look}")
+        out.append(f"| {f} | " + " | ".join(cells) + " |")
+    return out
 
 
 def real_section(weights) -> list[str]:
@@ -117,7 +169,8 @@ def main(argv=None) -> int:
     lines = ["# Final choice rescored with the classifier (result = true material, of the targets)", "",
              "Command: `python benchmarks/rescore_final_choice.py`. Score x (1 + g x -ln p), p floored at "
              f"{CLASSIFIER_FLOOR:g} (`weigh_by_classifier`, then the fit's `choose_result`); tie-break: the classifier's most probable material among the candidates within "
-             "the given fraction of the best score. The kind-of-specimen rule applies first in both.", "",
+             "the given fraction of the best score. The kind-of-specimen rule applies first in both (in the g columns "
+             "within the fit's margin, `KIND_MARGIN`; in the tie columns without one).", "",
              "| candidates of | targets | " + " | ".join(f"g = {g:g}" for g in weights) + " | "
              + " | ".join(f"tie {t:g}" for t in ties) + " |",
              "|---|---|" + "---|" * (len(weights) + len(ties))]
@@ -136,6 +189,7 @@ def main(argv=None) -> int:
              for x in ties]
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(map(str, w)) + " | " + " | ".join(map(str, t)) + " |")
     lines += real_section(weights)
+    lines += margin_section(probs)
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if args.out:

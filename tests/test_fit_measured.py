@@ -440,6 +440,10 @@ def test_the_result_shows_the_references_kind_of_specimen():
     assert choose_result([compact, crystals]) is compact
     # round against faceted (0.3) is a matter of degree: the score decides
     assert choose_result([cand("a", 0.2, 0.3), cand("b", 0.3, 0.0)]).material_id == "a"
+    # beyond KIND_MARGIN the score decides: the reference's shape class is the doubtful number
+    from fitting.fit.pipeline import KIND_MARGIN
+    assert choose_result([compact, cand("chains", 0.287 * KIND_MARGIN * 1.01, 0.0)]) is compact
+    assert choose_result([compact, cand("chains", 0.287 * KIND_MARGIN * 0.99, 0.0)]).material_id == "chains"
 
 
 def test_a_sparse_reference_is_judged_by_its_measured_structure():
@@ -466,6 +470,26 @@ def test_a_sparse_reference_is_judged_by_its_measured_structure():
     assert is_sparse({500: few}, [500], 256) and not is_sparse({500: many}, [500], 256)
     assert not is_sparse({500: few, 250: many}, [500, 250], 256)
     assert not is_sparse({500: None}, [500], 256) and not is_sparse({}, [], 256)
+
+
+def test_a_sparse_reference_gives_the_ranking_s_place_to_its_closest_measured_material():
+    """For a sparse reference the ranking's place among the refined (the classifier fills the
+    others) goes to the material whose render measures closest, as the final choice judges it;
+    the other entries keep their order."""
+    from fitting.fit.candidates import classified_candidates, structure_first
+
+    def entry(mid, distance, structure):
+        return {"material": mid, "distance": distance, "structure_distance": structure}
+    ranking = [entry("rods", 1.44, 2.03), entry("droplets", 1.52, 2.01), entry("colloids", 1.61, 1.04),
+               entry("spheres", 2.53, 2.04)]
+    first = structure_first(ranking)
+    assert [r["material"] for r in first] == ["colloids", "rods", "droplets", "spheres"]
+    chosen = classified_candidates(first, {"spheres": 0.9, "rods": 0.05}, top_k=3, from_classifier=2)
+    assert [r["material"] for r in chosen[:3]] == ["colloids", "spheres", "rods"]
+    # equal structure distances (to 3 decimals): the ranking distance decides
+    tied = [entry("a", 0.9, 1.0002), entry("b", 0.5, 1.0004)]
+    assert structure_first(tied)[0]["material"] == "b"
+    assert structure_first([entry("a", 0.9, None), entry("b", 0.5, 0.1)])[0]["material"] == "a"
 
 
 def test_the_classifier_weighs_the_final_choice_between_near_tied_candidates():

@@ -189,6 +189,19 @@ def classified_candidates(ranking: list[dict], probabilities: dict[str, float] |
     return [by_id[m] for m in chosen] + [r for r in ranking if r["material"] not in chosen]
 
 
+def structure_first(ranking: list[dict]) -> list[dict]:
+    """The ranking with the entry whose render measures closest to the reference (lowest
+    structure distance; the ranking distance breaks ties) moved to the front.
+
+    For a sparse reference (``pipeline.is_sparse``), whose descriptor distances compare renders
+    that are mostly background: the ranking's place among the refined candidates goes to the
+    material the final choice would judge best, as the final choice judges it."""
+    if len(ranking) <= 1 or any(r.get("structure_distance") is None for r in ranking):
+        return ranking
+    best = min(ranking, key=lambda r: (round(float(r["structure_distance"]), 3), r["distance"]))
+    return [best] + [r for r in ranking if r is not best]
+
+
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
                    cancel: CancelToken, search_deadline: float = math.inf,
                    structures: dict[int, StructureTarget] | None = None,

@@ -35,7 +35,8 @@ from fitting.core.events import (
     _emit,
     null_sink,
 )
-from fitting.fit.candidates import classified_candidates, keep_branched_candidate, rank_materials
+from fitting.fit.candidates import (classified_candidates, keep_branched_candidate, rank_materials,
+                                   structure_first)
 from fitting.fit.options import FitOptions
 from fitting.fit.refine import EVAL_SEEDS, evaluate_distance, loss_precision, refine
 from fitting.fit.results import Candidate, FitResult
@@ -108,6 +109,8 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
     # the rest is refinement's.
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
                              search_deadline=t_start + RANK_SHARE * opts.budget_s, structures=structures)
+    if structures and is_sparse(structures, list(structures), opts.size):
+        ranking = structure_first(ranking)
     classification = (classify_materials(full_library, target, desc, lib, sink)
                       if opts.classified_candidates > 0 else None)
     if classification:
@@ -543,11 +546,19 @@ def same_kind_of_specimen(cand: Candidate) -> bool:
     return (cand.structure_terms or {}).get("shape", 0.0) < 1.0
 
 
-def choose_result(candidates: list[Candidate], sparse: bool = False) -> Candidate:
+#: The kind-of-specimen rule settles near-ties: a candidate of the reference's kind wins
+#: against a better score only within this factor of it. Beyond it the reference's own shape
+#: class is the doubtful number (a clump of compact particles measured as branched).
+KIND_MARGIN = 1.5
+
+
+def choose_result(candidates: list[Candidate], sparse: bool = False,
+                  kind_margin: float = KIND_MARGIN) -> Candidate:
     """The refined candidate with the best final score among those that show the reference's
-    kind of specimen (:func:`same_kind_of_specimen`), or among all when none does; for a
-    ``sparse`` reference (:func:`is_sparse`) the one whose judged render measures closest to
-    the reference (structure distance; the score breaks ties).
+    kind of specimen (:func:`same_kind_of_specimen`) and score within ``kind_margin`` of the
+    best, or among all when none does; for a ``sparse`` reference (:func:`is_sparse`), whose
+    scores are unreliable, the one of the reference's kind whose judged render measures
+    closest to the reference (structure distance; the score breaks ties).
 
     The kind of specimen is what a microscopist checks first; in the score it is one structure
     term among several, and a candidate of compact particles whose texture matches a branched
@@ -555,10 +566,13 @@ def choose_result(candidates: list[Candidate], sparse: bool = False) -> Candidat
     material classifier picks candidates"). In a sparse field the descriptor compares renders
     that are mostly background, and a render with many times the reference's particles of
     another instrument can be the closest (docs/decisions.md, "Fit: aggregate size corrected,
-    sparse references judged by their measured structure")."""
+    sparse references judged by their measured structure"); the margin: docs/decisions.md,
+    "Measurement: SEM edges end on their crest; the kind of specimen settles near-ties")."""
     same = [c for c in candidates if same_kind_of_specimen(c)] or candidates
     if sparse:
         return min(same, key=lambda c: (round(c.structure_distance, 3), c.score))
+    best = min(c.score for c in candidates)
+    same = [c for c in same if c.score <= kind_margin * best] or candidates
     return min(same, key=lambda c: c.score)
 
 

@@ -68,9 +68,24 @@ MIN_SNR = 3.0
 BRANCHED_SOLIDITY = 0.7
 BRANCHED_INSTANCES = 3.0
 BRANCHED_MAX_COVERAGE = 0.5
+#: Median major/minor axis ratio above which particles are rods or needles.
+ELONGATED = 2.0
 #: Number-weighted granulometry ignores sizes below this fraction of the area-weighted
 #: median (boundary slivers; see ``_number_weights``).
 GRAN_FLOOR = 0.4
+#: Rings (working pixels from the mask's edge) searched for a bright edge crest, and the
+#: crest's lead over the particle interior, as a share of the crest's height over the
+#: background, that marks an edge-brightened silhouette (SEM).
+CREST_RINGS = 4
+CREST_LEAD = 0.1
+#: Share of the crest's height below which an outer ring lies mostly outside the particles:
+#: the pixels just outside a silhouette still read 0.5-0.65 of the crest (blur and clipped
+#: partial pixels), those just inside 0.9-1 (calibrated on the library's SEM renders,
+#: ``benchmarks/bench_measure_renders.py``).
+CREST_SHARE = 0.75
+#: A deeper ring brighter than the crest by more than this share of its height means the
+#: particles brighten toward their centre: no edge crest.
+CREST_TOLERANCE = 0.03
 #: Area share of a dark particle phase in particles with a core brighter than the background
 #: above which the particles are bright-field colloids ("outline"), however thick their ring.
 CORED_SHARE = 0.5
@@ -517,9 +532,81 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
             closed = np.unique(lab[filled & ~rims])
             mask = np.isin(lab, closed[closed > 0])
         mask = _remove_small(mask, 0.5 * min_area)
-    out.update(mask=mask, polarity=result_pol, rim_width=rim_width,
+    crest_shift = 0
+    # Only bright particles: a darker band at the edge of dark particles is bright-field
+    # refraction (droplets), whose outer edge is the particle's edge.
+    if result_pol == "bright":
+        crest_shift = edge_crest_shift(sign * g, mask, valid, sign * bmode_raw(g, valid, mask))
+        if crest_shift:
+            mask = _remove_small(mask & (ndi.distance_transform_edt(mask) > crest_shift),
+                                 0.5 * min_area)
+    out.update(mask=mask, polarity=result_pol, rim_width=rim_width, crest_shift=crest_shift,
                rim_self=bool(rim_self), rim_opp=bool(rim_opp), rim_core=bool(rim_core))
     return out
+
+
+def bmode_raw(g: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> float:
+    """Median gray level of the background pixels (valid, two pixels clear of the mask)."""
+    bg = valid & ~ndi.binary_dilation(mask, iterations=2)
+    return float(np.median(g[bg])) if bg.any() else float(np.median(g[valid]))
+
+
+def edge_crest_shift(signal: np.ndarray, mask: np.ndarray, valid: np.ndarray,
+                     background: float, *, rings: int = CREST_RINGS,
+                     lead: float = CREST_LEAD, share: float = CREST_SHARE) -> int:
+    """Pixels between a mask's outer edge and the silhouette of edge-brightened particles.
+
+    SEM edges are brightest at the silhouette (secondary-electron yield grows toward grazing
+    incidence), and blur spreads that crest outward, so the steepest descent to the
+    background, where the mask's edge lies, falls outside the particle. The particles'
+    rings are counted inward from the mask's edge; when the brightest of the first
+    ``rings`` stands above the interior (an edge crest), the rings that stay below
+    ``share`` of the crest's height over the background lie mostly outside the particles.
+
+    Parameters
+    ----------
+    signal : (H, W) ndarray
+        Gray levels with the particles' sign (particles above the background).
+    mask : (H, W) bool ndarray
+        Particle mask whose edge sits on the steepest descent.
+    valid : (H, W) bool ndarray
+        Pixels to use.
+    background : float
+        Background level of ``signal``.
+    rings : int
+        Rings searched for the crest.
+    lead : float
+        Lead of the crest over the interior, as a share of its height over the background.
+    share : float
+        Share of the crest's height below which an outer ring is outside the particles.
+
+    Returns
+    -------
+    int
+        Number of outer rings to remove; 0 when the particles have no edge crest.
+    """
+    inside = ndi.distance_transform_edt(ndi.binary_fill_holes(mask))
+    ring = np.ceil(inside).astype(np.int64)
+    sel = mask & valid
+    counts = np.bincount(ring[sel], minlength=rings + 4)
+    if counts[1:rings + 3].min() < 50:
+        return 0
+    sums = np.bincount(ring[sel], weights=signal[sel], minlength=rings + 4)
+    heights = sums[1:rings + 3] / counts[1:rings + 3] - background
+    deep = sel & (ring > rings + 2)
+    if deep.sum() < 50:
+        return 0
+    interior = float(signal[deep].mean()) - background
+    k = int(np.argmax(heights[:rings]))
+    crest = float(heights[k])
+    if crest <= 0 or crest - interior < lead * crest:
+        return 0
+    # A crest: no ring further in is clearly brighter (else the particles brighten toward
+    # their centre, as dark-field blobs do).
+    if float(heights[k + 1:].max()) > (1.0 + CREST_TOLERANCE) * crest:
+        return 0
+    outside = heights[:k] < share * crest
+    return int(np.argmin(outside)) if not outside.all() else k
 
 
 def _cored_share(mask: np.ndarray, filled: np.ndarray, brighter: np.ndarray) -> float:
@@ -850,7 +937,7 @@ def _shape_class(circ: float, sol: float, elong: float, branched: bool) -> str:
     """Shape class from median descriptors (thresholds as a microscopist would judge)."""
     if branched:
         return "branched"        # chains / fractal agglomerates: low solidity
-    if elong > 2.0:
+    if elong > ELONGATED:
         return "elongated"       # rods, needles, platelets seen edge-on
     if sol >= 0.9 and circ >= 0.85:
         return "round"           # spheres, droplets
@@ -1079,7 +1166,10 @@ def measure_particles(gray, valid=None, *, polarity: str = "auto",
                 gr_med = float(_weighted_quantile(gd, gwt, 0.5))
         # Low solidity means branching only in a sparse field; where particles cover most
         # of it, components merge by crowding (a packed powder), not by branching.
-        branched = (r["comp_solidity"] < BRANCHED_SOLIDITY
+        # Rods crossing each other make low-solidity components too, but their instances
+        # are elongated, whereas chains split into roundish primaries.
+        elongated = bool(r["elong"].size) and float(np.median(r["elong"])) > ELONGATED
+        branched = (r["comp_solidity"] < BRANCHED_SOLIDITY and not elongated
                     and r["inst_per_comp"] >= BRANCHED_INSTANCES
                     and r["coverage"] < BRANCHED_MAX_COVERAGE)
         if method not in ("auto", "watershed", "granulometry"):
@@ -1111,7 +1201,8 @@ def measure_particles(gray, valid=None, *, polarity: str = "auto",
                     granulometry_median_px=gr_med,
                     component_solidity=float(r["comp_solidity"]),
                     instances_per_component=float(r["inst_per_comp"]),
-                    rim_width_px=float(fg.get("rim_width", 0.0)) * inv)
+                    rim_width_px=float(fg.get("rim_width", 0.0)) * inv,
+                    edge_crest_px=float(fg.get("crest_shift", 0)) * inv)
         polarity_out = fg["polarity"]
         if not count:
             med = gm = gsd = None
