@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from skimage import draw, morphology
 
 from fitting.measure import (
+    edge_crest_shift,
     foreground_mask,
     granulometry_diameter,
     measure_particles,
@@ -155,6 +156,26 @@ def test_edge_brightened_discs_end_on_their_bright_crest():
     assert m.diagnostics["edge_crest_px"] >= 1
     assert m.gmean_px == pytest.approx(_true_stats(discs, shape), rel=0.06)
     assert m.coverage == pytest.approx(truth.mean(), abs=0.03)
+
+
+def test_blobs_brightest_at_their_centre_have_no_edge_crest():
+    """Dark-field blobs (brightest in the middle) and flat discs keep their outlines; the
+    edge-brightened discs' mask, widened by two pixels, moves in by at least one."""
+    rng = np.random.default_rng(8)
+    shape = (320, 320)
+    discs = _place_discs(rng, shape, 40, gmean=24.0, gsd=1.2, gap=6.0, touching_pairs=0)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    blobs = np.full(shape, 0.1)
+    for y, x, d in discs:
+        blobs += 0.6 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (0.3 * d) ** 2))
+    _, truth = _render(shape, discs, "bright", rng)
+    wide = ndi.binary_dilation(truth, iterations=2)
+    valid = np.ones(shape, bool)
+    assert edge_crest_shift(blobs, wide, valid, 0.1) == 0
+    flat = np.where(truth, 0.6, 0.1)
+    assert edge_crest_shift(ndi.gaussian_filter(flat, 1.0), wide, valid, 0.1) == 0
+    rim, _ = _edge_brightened(shape, discs, rng, noise=0.0)
+    assert edge_crest_shift(rim, wide, valid, 0.1) >= 1
 
 
 @pytest.mark.parametrize("cores", [1, 2])

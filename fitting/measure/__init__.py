@@ -5,6 +5,7 @@ split touching particles, and report the typical particle size, coverage, polari
 """
 from fitting.measure.particles import (
     ParticleMeasurement,
+    edge_crest_shift,
     estimate_background,
     foreground_mask,
     granulometry_diameter,
@@ -17,6 +18,7 @@ from fitting.measure.particles import (
 
 __all__ = [
     "ParticleMeasurement",
+    "edge_crest_shift",
     "estimate_background",
     "foreground_mask",
     "granulometry_diameter",

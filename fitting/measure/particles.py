@@ -9,7 +9,9 @@ traced back to a morphological operation:
                                uneven illumination does not move the threshold.
 3. ``foreground_mask``      -- automatic polarity ("bright", "dark", or "outline" for
                                ring-shaped rims), noise-aware thresholds and a marker
-                               watershed on the gradient that puts the boundary on the edge.
+                               watershed on the gradient that puts the boundary on the edge;
+                               ``edge_crest_shift`` moves edge-brightened (SEM) outlines in to
+                               the bright crest at the silhouette.
 4. ``split_touching``       -- distance transform + watershed from scale-free h-maxima.
 5. ``granulometry_diameter`` -- pattern spectrum of openings by discs: the primary size when
                                particles merge into branched chains.
@@ -40,6 +42,7 @@ __all__ = [
     "pattern_spectrum",
     "granulometry_diameter",
     "grey_granulometry",
+    "edge_crest_shift",
     "measure_particles",
 ]
 
@@ -536,7 +539,8 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     # Only bright particles: a darker band at the edge of dark particles is bright-field
     # refraction (droplets), whose outer edge is the particle's edge.
     if result_pol == "bright":
-        crest_shift = edge_crest_shift(sign * g, mask, valid, sign * bmode_raw(g, valid, mask))
+        background = sign * _background_level(g, valid, mask)
+        crest_shift = edge_crest_shift(sign * g, mask, valid, background)
         if crest_shift:
             mask = _remove_small(mask & (ndi.distance_transform_edt(mask) > crest_shift),
                                  0.5 * min_area)
@@ -545,7 +549,7 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     return out
 
 
-def bmode_raw(g: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> float:
+def _background_level(g: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> float:
     """Median gray level of the background pixels (valid, two pixels clear of the mask)."""
     bg = valid & ~ndi.binary_dilation(mask, iterations=2)
     return float(np.median(g[bg])) if bg.any() else float(np.median(g[valid]))
