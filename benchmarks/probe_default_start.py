@@ -4,8 +4,9 @@ For one reference and a few materials: rank them as the fit does (``rank_materia
 predictor's proposal as it is, and with the measured geometry), then render each material's
 default parameters with the same measured geometry (noise and tone matched the same way) at the
 first working scale, and print the descriptor distance, structure distance, polarity and count
-of every start. Evidence for a ranking start the fit does not have yet (docs/decisions.md,
-"Measurement: SEM edges end on their crest; ...").
+of every start. The evidence for the third start the fit now takes for sparse references
+(``rank_materials(..., sparse=True)``; docs/decisions.md, "Measurement: SEM edges end on their
+crest; ..."); the ranking here runs without it, so its own two starts are what the fit had.
 
     python benchmarks/probe_default_start.py IMAGE optical_brightfield_colloids,optical_emulsion_droplets
 """

@@ -343,6 +343,37 @@ def test_later_working_scales_visit_the_closest_materials_first(monkeypatch):
     assert [m for m, _ in visits[n:]] == sorted(prep.library, key=at_first.get)[:2]
 
 
+def test_a_sparse_reference_also_starts_each_material_from_its_default_appearance(reference_dir):
+    """trackpy's five bright-cored colloids fill a mostly empty field: the colloid predictor's
+    appearance renders dark discs there, and the ranking's third start (the material's default
+    appearance with the measured geometry) measures like the reference; a dense reference gets
+    no third start."""
+    from fitting.core.events import CancelToken
+    from fitting.fit.candidates import rank_materials
+    from fitting.fit.pipeline import is_sparse, prepare_target
+    from fitting.reference.loading import load_reference
+    lib = {"optical_brightfield_colloids": get_material("optical_brightfield_colloids")}
+    opts = FitOptions()
+    prep = prepare_target(load_reference(reference_dir / "trackpy-examples__bf_0000.png"), opts, lib)
+    assert prep.measurement.polarity == "outline"
+    assert is_sparse(prep.structures, list(prep.structures), opts.size)
+    scenes = {n: MaterialScene(m, RenderSettings(size=opts.size, spp=opts.spp, layout_seed=opts.seed))
+              for n, m in prep.library.items()}
+    first = prep.target.scales[0]
+    entries = []
+    rank_materials(prep.library, scenes, prep.target, prep.descriptor, opts, lambda ev: None, CancelToken(),
+                   structures=prep.structures, all_entries=entries, sparse=True)
+    by_start = {e["start"]: e for e in entries if e["scale"] == first}
+    assert set(by_start) == {"predictor", "measured", "default"}
+    assert by_start["measured"]["render_measurement"].polarity != "outline"
+    assert by_start["default"]["render_measurement"].polarity == "outline"
+    assert by_start["default"]["structure_distance"] < by_start["measured"]["structure_distance"]
+    dense = []
+    rank_materials(prep.library, scenes, prep.target, prep.descriptor, opts, lambda ev: None, CancelToken(),
+                   structures=prep.structures, all_entries=dense)
+    assert {e["start"] for e in dense} == {"predictor", "measured"}
+
+
 def test_a_later_scale_s_baseline_does_not_depend_on_which_materials_visited_it():
     """The first scale's baseline is the median over every material; a later scale's is that
     times the median ratio of the same materials' distances at both scales, so visiting one

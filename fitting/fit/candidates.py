@@ -205,14 +205,18 @@ def structure_first(ranking: list[dict]) -> list[dict]:
 def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opts: "FitOptions", sink: EventSink,
                    cancel: CancelToken, search_deadline: float = math.inf,
                    structures: dict[int, StructureTarget] | None = None,
-                   all_entries: list[dict] | None = None) -> list[dict]:
+                   all_entries: list[dict] | None = None, sparse: bool = False) -> list[dict]:
     """Propose, tone-match, render and describe every material; rank by distance to the reference.
 
     With ``structures`` (the reference's measured particles expressed at each working scale),
     each material starts twice at every scale: its predictor's proposal as it is, and the
     proposal with the geometry set from the measurement, whose geometry is then corrected (at
     most :data:`CORRECTION_STEPS` times, kept only when it measures closer) until it measures
-    like the reference. Every render is measured the same way as the reference; the ranking
+    like the reference. For a ``sparse`` reference (``pipeline.is_sparse``) a third start takes
+    the material's default appearance with the measured geometry: the predictors read the
+    reference's descriptor, which there describes mostly background, so their appearance can
+    miss the look entirely (a colloid proposal of dark discs for bright cores in dark rings).
+    Every render is measured the same way as the reference; the ranking
     distance is :func:`combined_score` of the descriptor and structure distances, and each
     material keeps its best start and scale. Without them, particle sizes are
     searched around the proposal (stage B, for the best half of the materials, until
@@ -273,11 +277,19 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             x_p, img_p = match_tone(scenes[mid], x, quant, seed)
             m_p = measure_render(img_p)
             keep(mid, s, x_p, img_p, structure_terms(st, m_p), m_p, start="predictor")
+        measured_start(mid, x, s, keep_predicted_size=sources[mid] == "predictor", start="measured")
+        if sparse and sources[mid] == "predictor":
+            measured_start(mid, match_noise(mat, mat.default_vector(), target.noise), s,
+                           keep_predicted_size=False, start="default")
+
+    def measured_start(mid: str, x: np.ndarray, s: int, keep_predicted_size: bool, start: str) -> None:
+        mat = lib[mid]
+        st = structures[s]
         # The geometry starts from the measurement, except the primary size of an agglomerate
         # material on a reference whose particles are compact (not branched): there a measured
         # "particle" may be a whole cluster, and a predictor's primary size is the better start.
         # The corrections below then fix what still measures differently.
-        keep_size = (sources[mid] == "predictor" and mat.geometry_kind == "agglomerates"
+        keep_size = (keep_predicted_size and mat.geometry_kind == "agglomerates"
                      and st.shape_class != "branched")
         x = impose_geometry(mat, x, None if keep_size else st.diameter_render, st.coverage,
                             st.measurement.gsd, st.measurement.shape.get("elongation"))
@@ -295,7 +307,7 @@ def rank_materials(lib: dict, scenes: dict, target: "ReferenceTarget", desc, opt
             if structure_distance(t_new, st.weights) >= structure_distance(terms, st.weights):
                 break          # the material cannot get closer (e.g. a parameter at its limit)
             x, img, m_render, terms = x_new, img_new, m_new, t_new
-        keep(mid, s, x, img, terms, m_render, start="measured")
+        keep(mid, s, x, img, terms, m_render, start=start)
 
     n = len(lib)
     seen: dict[str, set[bytes]] = {mid: set() for mid in lib}

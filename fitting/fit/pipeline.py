@@ -107,9 +107,11 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
               for mid, mat in lib.items()}
     # Ranking may use up to half the budget (geometry corrections and finer scales stop then);
     # the rest is refinement's.
+    sparse = bool(structures) and is_sparse(structures, list(structures), opts.size)
     ranking = rank_materials(lib, scenes, target, desc, opts, sink, cancel,
-                             search_deadline=t_start + RANK_SHARE * opts.budget_s, structures=structures)
-    if structures and is_sparse(structures, list(structures), opts.size):
+                             search_deadline=t_start + RANK_SHARE * opts.budget_s, structures=structures,
+                             sparse=sparse)
+    if sparse:
         ranking = structure_first(ranking)
     classification = (classify_materials(full_library, target, desc, lib, sink)
                       if opts.classified_candidates > 0 else None)
