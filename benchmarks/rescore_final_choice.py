@@ -5,12 +5,14 @@ Each synthetic benchmark row stores its three refined candidates (score, structu
 probabilities of every target. This replays the final choice -- the kind-of-specimen rule, then
 the lowest score -- with each candidate's score multiplied by ``1 + g x -ln p`` for several
 weights ``g``, and with a tie-break (the most probable material among the candidates within a
-fraction of the best score). Nothing is rendered; a run takes a second.
+fraction of the best score). Nothing is rendered; measuring and describing the real images
+takes about half a minute.
 
     python benchmarks/rescore_final_choice.py -o benchmarks/results/final_choice_rescored.md
 
 Approximations: the sparse-reference rule (structure first) is not replayed on the synthetic
-rows, which do not store whether a reference was sparse (on the real set it is, for trackpy);
+rows, which do not store whether a reference was sparse (on the real set the fit's own
+``is_sparse`` decides, from each image measured as the fit measures it today);
 where a row has ``score_own_layout`` (the held-out experiment of run 14), that is the score
 used. The real set's section reads ``real_run*.json`` and ``classifier_real.json``.
 """
@@ -81,11 +83,58 @@ WEIGHED_REAL_RUNS = ["real_run14.json"]
 MARGINS = (math.inf, 3.0, 2.0, 1.5, 1.25, 1.0)
 
 
-def margin_section(probs: dict) -> list[str]:
+def real_set() -> dict | None:
+    """What the real-set replays need: the labels, the classifier's probabilities
+    (classifier_real.json) and, per image, its structure targets measured as the fit measures
+    them today (``prepare_target``: measurement and descriptor, nothing rendered), from which
+    :func:`is_sparse_row` decides the sparse rule as the fit does. None when a file is missing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_real import REFERENCE_DIR
+    from fitting.fit.options import FitOptions
+    from fitting.fit.pipeline import prepare_target
+    from fitting.materials.library import load_library
+    from fitting.reference.loading import load_reference
+    labels_path = REFERENCE_DIR / "labels.json"
+    if not labels_path.exists() or not (RESULTS / "classifier_real.json").exists():
+        return None
+    labels = json.loads(labels_path.read_text())["images"]
+    lib, opts = load_library(), FitOptions()
+    structures = {name: prepare_target(load_reference(REFERENCE_DIR / name), opts, lib).structures
+                  for name in labels if (REFERENCE_DIR / name).exists()}
+    probs = {r["target"]: r["probabilities"]
+             for r in json.loads((RESULTS / "classifier_real.json").read_text())["rows"]}
+    return {"labels": labels, "probs": probs, "structures": structures, "size": opts.size}
+
+
+def is_sparse_row(row: dict, real: dict) -> bool:
+    """The fit's sparse rule for a stored real-set row: ``is_sparse`` over its refined
+    candidates' working scales."""
+    from fitting.fit.pipeline import is_sparse
+    structures = real["structures"].get(row["image"])
+    return bool(structures) and is_sparse(structures, [c["scale"] for c in row["candidates"]], real["size"])
+
+
+def real_cells(path: Path, real: dict, settings, weighed: bool = False) -> list[str]:
+    """``accepted / accepted by look`` of a stored real run for each ``(g, margin)`` in
+    ``settings`` (``weighed``: the stored scores are weighed already)."""
+    from bench_real import accepted_by_look
+    rows = [r for r in json.loads(path.read_text())["rows"] if weighed or r["image"] in real["probs"]]
+    cells = []
+    for g, margin in settings:
+        strict = look = 0
+        for r in rows:
+            m = choose_weighed(r, None if weighed else real["probs"][r["image"]], g,
+                               sparse=is_sparse_row(r, real), margin=margin)
+            accept = set(real["labels"][r["image"]]["accept"])
+            strict += m in accept
+            look += accepted_by_look(m, accept)
+        cells.append(f"{strict} / {look}")
+    return cells
+
+
+def margin_section(probs: dict, real: dict | None) -> list[str]:
     """The kind-of-specimen margin (``choose_result``'s ``kind_margin``) replayed at g = 0.3 on
     the synthetic and real runs; margin 1 turns the rule off."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_real import REFERENCE_DIR, accepted_by_look
     out = ["", "Kind-of-specimen margin at g = 0.3 (the rule: a candidate of the reference's kind beats a "
            "better score only within this factor of it; synthetic: result = true of 40; real: accepted / "
            "by look of 11):", "",
@@ -101,59 +150,27 @@ def margin_section(probs: dict) -> list[str]:
             cells = [sum(choose_weighed(r, None if weighed else probs[r["target"]], 0.3, margin=m)
                          == r["material"] for r in rows) for m in MARGINS]
             out.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
-    labels_path = REFERENCE_DIR / "labels.json"
-    if not labels_path.exists() or not (RESULTS / "classifier_real.json").exists():
+    if real is None:
         return out
-    labels = json.loads(labels_path.read_text())["images"]
-    real_probs = {r["target"]: r["probabilities"]
-                  for r in json.loads((RESULTS / "classifier_real.json").read_text())["rows"]}
     for f in REAL_RUNS + WEIGHED_REAL_RUNS:
-        if not (RESULTS / f).exists():
-            continue
-        weighed = f in WEIGHED_REAL_RUNS
-        rows = [r for r in json.loads((RESULTS / f).read_text())["rows"] if weighed or r["image"] in real_probs]
-        cells = []
-        for m in MARGINS:
-            chosen = [(r, choose_weighed(r, None if weighed else real_probs[r["image"]], 0.3,
-                                         sparse="trackpy" in r["image"], margin=m)) for r in rows]
-            strict = sum(c in set(labels[r["image"]]["accept"]) for r, c in chosen)
-            look = sum(accepted_by_look(c, set(labels[r["image"]]["accept"])) for r, c in chosen)
-            cells.append(f"{strict} / {look}")
-        out.append(f"| {f} | " + " | ".join(cells) + " |")
+        if (RESULTS / f).exists():
+            cells = real_cells(RESULTS / f, real, [(0.3, m) for m in MARGINS], weighed=f in WEIGHED_REAL_RUNS)
+            out.append(f"| {f} | " + " | ".join(cells) + " |")
     return out
 
 
-def real_section(weights) -> list[str]:
+def real_section(weights, real: dict | None) -> list[str]:
     """The same weights on the real set's stored candidates (classifier_real.json), accepted
-    results strict and by look; trackpy, the set's one sparse reference, keeps the sparse rule
+    results strict and by look; a sparse reference (trackpy, in this set) keeps the sparse rule
     (measured structure first)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_real import REFERENCE_DIR, accepted_by_look
-    labels_path = REFERENCE_DIR / "labels.json"
-    if not labels_path.exists() or not (RESULTS / "classifier_real.json").exists():
+    if real is None:
         return []
-    labels = json.loads(labels_path.read_text())["images"]
-    probs = {r["target"]: r["probabilities"]
-             for r in json.loads((RESULTS / "classifier_real.json").read_text())["rows"]}
     out = ["", "Real set (accepted / accepted by look, of 11; classifier_real.json):", "",
            "| candidates of | " + " | ".join(f"g = {g:g}" for g in weights) + " |",
            "|---|" + "---|" * len(weights)]
     for f in REAL_RUNS:
-        path = RESULTS / f
-        if not path.exists():
-            continue
-        rows = [r for r in json.loads(path.read_text())["rows"] if r["image"] in probs]
-        cells = []
-        for g in weights:
-            strict = look = 0
-            for r in rows:
-                p = probs[r["image"]]
-                m = choose_weighed(r, p, g, sparse="trackpy" in r["image"])
-                accept = set(labels[r["image"]]["accept"])
-                strict += m in accept
-                look += accepted_by_look(m, accept)
-            cells.append(f"{strict} / {look}")
-        out.append(f"| {f} | " + " | ".join(cells) + " |")
+        if (RESULTS / f).exists():
+            out.append(f"| {f} | " + " | ".join(real_cells(RESULTS / f, real, [(g, None) for g in weights])) + " |")
     return out
 
 
@@ -188,8 +205,9 @@ def main(argv=None) -> int:
         t = [sum(choose_tie_break(r, probs[r["target"]], x) == r["material"] for r in rows)
              for x in ties]
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(map(str, w)) + " | " + " | ".join(map(str, t)) + " |")
-    lines += real_section(weights)
-    lines += margin_section(probs)
+    real = real_set()
+    lines += real_section(weights, real)
+    lines += margin_section(probs, real)
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if args.out:

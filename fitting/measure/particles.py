@@ -540,7 +540,8 @@ def _foreground(g: np.ndarray, valid: np.ndarray, polarity: str,
     # refraction (droplets), whose outer edge is the particle's edge.
     if result_pol == "bright":
         background = sign * _background_level(g, valid, mask)
-        crest_shift = edge_crest_shift(sign * g, mask, valid, background)
+        # The mask is as it was when its holes were filled: only outlines change it above.
+        crest_shift = edge_crest_shift(sign * g, mask, valid, background, filled=filled_p)
         if crest_shift:
             mask = _remove_small(mask & (ndi.distance_transform_edt(mask) > crest_shift),
                                  0.5 * min_area)
@@ -557,7 +558,8 @@ def _background_level(g: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> flo
 
 def edge_crest_shift(signal: np.ndarray, mask: np.ndarray, valid: np.ndarray,
                      background: float, *, rings: int = CREST_RINGS,
-                     lead: float = CREST_LEAD, share: float = CREST_SHARE) -> int:
+                     lead: float = CREST_LEAD, share: float = CREST_SHARE,
+                     filled: np.ndarray | None = None) -> int:
     """Pixels between a mask's outer edge and the silhouette of edge-brightened particles.
 
     SEM edges are brightest at the silhouette (secondary-electron yield grows toward grazing
@@ -583,13 +585,15 @@ def edge_crest_shift(signal: np.ndarray, mask: np.ndarray, valid: np.ndarray,
         Lead of the crest over the interior, as a share of its height over the background.
     share : float
         Share of the crest's height below which an outer ring is outside the particles.
+    filled : (H, W) bool ndarray, optional
+        ``mask`` with its holes filled, when the caller has it already.
 
     Returns
     -------
     int
         Number of outer rings to remove; 0 when the particles have no edge crest.
     """
-    inside = ndi.distance_transform_edt(ndi.binary_fill_holes(mask))
+    inside = ndi.distance_transform_edt(ndi.binary_fill_holes(mask) if filled is None else filled)
     ring = np.ceil(inside).astype(np.int64)
     sel = mask & valid
     counts = np.bincount(ring[sel], minlength=rings + 4)
