@@ -51,7 +51,9 @@ def run_real(args) -> tuple[list[dict], str]:
     from fitting.validate.run import validate_recipe
     labels = json.loads((REFERENCE_DIR / "labels.json").read_text())["images"]
     rows = []
-    pics = RESULTS / "validate_real"
+    # The committed figures belong to the committed results: a run written elsewhere (--out)
+    # puts its figures beside its JSON.
+    pics = RESULTS / "validate_real" if not args.out else Path(args.out).with_suffix("")
     pics.mkdir(parents=True, exist_ok=True)
     for name, label in labels.items():
         if args.images and args.images not in name or not label.get("diameter_px"):
@@ -81,7 +83,7 @@ def run_real(args) -> tuple[list[dict], str]:
                "fitted_median_px": f.get("median"), "fitted_within_15": within(f.get("median"), label_d, 0.15),
                "held_out_precision": rep.held_out["precision"], "held_out_recall": rep.held_out["recall"],
                "timings": rep.timings, "seconds": round(seconds, 1),
-               "detections_png": f"validate_real/{stem}.detections.png"}
+               "detections_png": f"{pics.name}/{stem}.detections.png"}
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("material", "diameter_label_px", "detected_median_px",
                                               "detected_within_15", "held_out_precision", "held_out_recall",

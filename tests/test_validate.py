@@ -50,6 +50,25 @@ def test_true_maps_give_back_touching_and_overlapping_instances():
     assert found.max() == 4 and match_instances(chain, found)["recall"] >= 0.75
 
 
+def test_fragments_far_smaller_than_the_training_particles_are_dropped():
+    from fitting.validate.detector import SegmentationSettings
+    from fitting.validate.training import smallest_instance_area
+    # training particles of radius 9 (area ~250 px), one cut by the frame (not counted)
+    train = np.stack([disks((64, 96), [(20, 20), (40, 60), (2, 90)], 9)] * 3)
+    floor = smallest_instance_area(train)
+    assert 50 < floor < 70                                # a quarter of the whole particles' area
+    assert smallest_instance_area(np.zeros((2, 32, 32), np.int32)) == SegmentationSettings().min_area
+    # two particles, a 4 x 5 px sliver beside one of them and a particle's 4 x 5 px corner cut
+    # by the frame: the sliver goes, the cut corner stays (a cut particle can show any area)
+    fg = (disks((64, 96), [(20, 20), (40, 60)], 9) > 0).astype(np.float32)
+    fg[5:9, 40:45] = 1.0
+    fg[60:64, 0:5] = 1.0
+    centre = centre_map(disks((64, 96), [(20, 20), (40, 60)], 9))
+    assert instances_from_maps(fg, centre).max() == 4                   # the default keeps both
+    found = instances_from_maps(fg, centre, SegmentationSettings(fragment_area=floor))
+    assert found.max() == 3 and found[62, 2] > 0 and found[7, 42] == 0
+
+
 def test_matching_at_iou_half():
     truth = disks((50, 100), [(25, 20), (25, 50), (25, 80)], 8)
     shifted = disks((50, 100), [(25, 21), (25, 58), (10, 10)], 8)   # exact-ish, IoU < 0.5, spurious

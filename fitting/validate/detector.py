@@ -92,11 +92,16 @@ class SegmentationSettings:
         above 0.5, so that the cores of primaries overlapping by up to half stay apart.
     min_area : int
         Smallest instance kept, in pixels.
+    fragment_area : int
+        Smallest instance kept among those the image's frame does not cut (a cut particle's
+        visible part can be any size): set from the training particles
+        (:func:`fitting.validate.training.smallest_instance_area`), 0 keeps all.
     """
 
     foreground: float = 0.5
     core: float = 0.6
     min_area: int = 6
+    fragment_area: int = 0
 
 
 def instances_from_maps(foreground: np.ndarray, centre: np.ndarray,
@@ -104,7 +109,8 @@ def instances_from_maps(foreground: np.ndarray, centre: np.ndarray,
     """Instance labels (int32, 0 = background) from a foreground probability map and a centre
     map: watershed of the negated centre map inside the foreground, seeded at the connected
     cores (centre map above ``settings.core``); foreground regions without a core become
-    instances of their own; instances smaller than ``settings.min_area`` are dropped."""
+    instances of their own; instances smaller than ``settings.min_area``, and those inside the
+    frame smaller than ``settings.fragment_area``, are dropped."""
     from skimage import measure, morphology, segmentation
     s = settings or SegmentationSettings()
     fg = np.asarray(foreground) > s.foreground
@@ -114,9 +120,14 @@ def instances_from_maps(foreground: np.ndarray, centre: np.ndarray,
     rest = measure.label(fg & (labels == 0))
     if rest.max() > 0:
         labels = np.where(rest > 0, rest + labels.max(), labels).astype(np.int32)
-    if s.min_area > 1:
+    if s.min_area > 1 or s.fragment_area > 0:
         sizes = np.bincount(labels.ravel())
-        small = np.flatnonzero(sizes < s.min_area)
+        small = sizes < s.min_area
+        if s.fragment_area > 0:
+            frame = np.zeros(sizes.size, bool)
+            frame[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+            small |= (sizes < s.fragment_area) & ~frame
+        small = np.flatnonzero(small)
         small = small[small > 0]
         if small.size:
             labels[np.isin(labels, small)] = 0

@@ -246,4 +246,34 @@ def train_detector(images: np.ndarray, labels: np.ndarray, settings: TrainingSet
     meta = {"steps": s.steps, "batch": s.batch, "crop": crop, "images": int(n), "resumed_at": step0 if resumed else None,
             "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}}
-    return ParticleDetector(model, SegmentationSettings(), meta)
+    return ParticleDetector(model, SegmentationSettings(fragment_area=smallest_instance_area(labels)), meta)
+
+
+#: The detector drops instances inside the frame below this share of the training particles'
+#: 5th-percentile area.
+FRAGMENT_SHARE = 0.25
+
+
+def smallest_instance_area(labels: np.ndarray) -> int:
+    """Smallest instance (px) inside the frame that a detector trained on ``labels`` keeps
+    (``SegmentationSettings.fragment_area``): :data:`FRAGMENT_SHARE` of the 5th-percentile area
+    of the training particles that the frame does not cut, at least
+    :class:`SegmentationSettings`'s ``min_area``. A detected instance far smaller than any particle
+    it learned from is a fragment of one (a sliver at a blurred edge, a core split off), and
+    a few such fragments pull the detected size distribution down."""
+    from fitting.measure.particles import edge_zone
+    floor = SegmentationSettings().min_area
+    areas = []
+    for lab in np.asarray(labels):
+        n = int(lab.max())
+        if n == 0:
+            continue
+        a = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = np.ones(n + 1, bool)
+        keep[0] = False
+        keep[np.unique(lab[edge_zone(np.ones(lab.shape, bool))])] = False
+        areas.append(a[keep & (a > 0)])
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    if areas.size == 0:
+        return floor
+    return max(floor, int(FRAGMENT_SHARE * float(np.percentile(areas, 5))))
