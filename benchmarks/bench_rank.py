@@ -32,14 +32,20 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def target_recipe(lib: dict, i: int) -> tuple[str, np.ndarray]:
+    """Material id and true parameters of target i of the synthetic benchmark (same seeds as
+    bench_fit.py)."""
+    ids = sorted(lib)
+    mid = ids[i % len(ids)]
+    return mid, lib[mid].random_vector(np.random.default_rng(1000 + i))
+
+
 def make_target(lib: dict, i: int, folder: Path) -> tuple[str, Path]:
     """Target i of the synthetic benchmark (same seeds as bench_fit.py)."""
     from fitting.core.files import atomic_save_png
     from fitting.materials.scene import MaterialScene, RenderSettings
-    ids = sorted(lib)
-    mid = ids[i % len(ids)]
+    mid, x_true = target_recipe(lib, i)
     mat = lib[mid]
-    x_true = mat.random_vector(np.random.default_rng(1000 + i))
     img = MaterialScene(mat, RenderSettings(size=512, spp=8, layout_seed=50_000 + i)).render_numpy(
         x_true, seed=70_000 + i)
     path = folder / f"target_{i:02d}_{mid}.png"

@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "self_consistency.json"))
     args = ap.parse_args(argv)
-    from fitting.core.files import atomic_save_png, atomic_write_text
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_rank import make_target, target_recipe
+    from fitting.core.files import atomic_write_text
     from fitting.core.runtime import init_mitsuba
     init_mitsuba("cpu")
     from fitting.fit.candidates import measure_render
@@ -54,21 +56,15 @@ def main(argv=None) -> int:
     from fitting.materials.scene import MaterialScene, RenderSettings
     from fitting.reference.loading import load_reference
     lib = load_library()
-    ids = sorted(lib)
     targets = RESULTS / "synthetic_targets"
     targets.mkdir(parents=True, exist_ok=True)
     rows = []
     t_start = time.time()
     for i in range(args.start, args.start + args.count):
-        mid = ids[i % len(ids)]
-        mat = lib[mid]
         # The same target as bench_fit.py synthetic renders (seeds included).
-        x_true = mat.random_vector(np.random.default_rng(1000 + i))
-        path = targets / f"target_{i:02d}_{mid}.png"
-        if not path.exists():
-            img = MaterialScene(mat, RenderSettings(size=512, spp=8, layout_seed=50_000 + i)).render_numpy(
-                x_true, seed=70_000 + i)
-            atomic_save_png(path, img)
+        mid, path = make_target(lib, i, targets)
+        mat = lib[mid]
+        x_true = target_recipe(lib, i)[1]
         opts = FitOptions(seed=i)
         prepared = prepare_target(load_reference(path), opts, lib)
         m0 = prepared.measurement

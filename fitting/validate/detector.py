@@ -124,8 +124,9 @@ def instances_from_maps(foreground: np.ndarray, centre: np.ndarray,
         sizes = np.bincount(labels.ravel())
         small = sizes < s.min_area
         if s.fragment_area > 0:
+            from fitting.measure.particles import edge_zone
             frame = np.zeros(sizes.size, bool)
-            frame[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+            frame[np.unique(labels[edge_zone(np.ones(labels.shape, bool))])] = True
             small |= (sizes < s.fragment_area) & ~frame
         small = np.flatnonzero(small)
         small = small[small > 0]

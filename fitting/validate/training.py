@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fitting.core.events import CancelToken, EventSink, _emit, null_sink
-from fitting.validate.detector import ParticleDetector, SegmentationSettings, UNet
+from fitting.validate.detector import ParticleDetector, SegmentationSettings, UNet, equivalent_diameters
 from fitting.validate.trainset import detector_targets
 
 
@@ -261,19 +261,10 @@ def smallest_instance_area(labels: np.ndarray) -> int:
     :class:`SegmentationSettings`'s ``min_area``. A detected instance far smaller than any particle
     it learned from is a fragment of one (a sliver at a blurred edge, a core split off), and
     a few such fragments pull the detected size distribution down."""
-    from fitting.measure.particles import edge_zone
     floor = SegmentationSettings().min_area
-    areas = []
-    for lab in np.asarray(labels):
-        n = int(lab.max())
-        if n == 0:
-            continue
-        a = np.bincount(lab.ravel(), minlength=n + 1)
-        keep = np.ones(n + 1, bool)
-        keep[0] = False
-        keep[np.unique(lab[edge_zone(np.ones(lab.shape, bool))])] = False
-        areas.append(a[keep & (a > 0)])
-    areas = np.concatenate(areas) if areas else np.zeros(0)
-    if areas.size == 0:
+    d = np.concatenate([equivalent_diameters(lab) for lab in np.asarray(labels)] or [np.zeros(0)])
+    d = d[d > 0]
+    if d.size == 0:
         return floor
+    areas = np.rint(math.pi / 4.0 * d ** 2)          # back to the instances' pixel counts
     return max(floor, int(FRAGMENT_SHARE * float(np.percentile(areas, 5))))
