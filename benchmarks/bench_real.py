@@ -134,19 +134,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=120.0)
-    ap.add_argument("--images", help="substring filter on file names")
+    ap.add_argument("--images", help="substring filter on file names (comma-separated: any of them)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real.json"))
     ap.add_argument("--png-dir", default=str(ROOT / "benchmarks" / "results" / "fits_real"))
     ap.add_argument("--no-measure", action="store_true", help="texture descriptor alone (the old fit)")
     ap.add_argument("--structure-weight", type=float)
+    ap.add_argument("--appearance-weight", type=float, help="FitOptions.appearance_weight (0: no ring-profile term)")
     args = ap.parse_args(argv)
     from fitting.core.runtime import init_mitsuba
     info = init_mitsuba("auto")
     labels = json.loads((REFERENCE_DIR / "labels.json").read_text())["images"]
-    names = [n for n in labels if not args.images or args.images in n]
+    wanted = [w for w in (args.images or "").split(",") if w]
+    names = [n for n in labels if not wanted or any(w in n for w in wanted)]
     options = {"measure": not args.no_measure}
     if args.structure_weight is not None:
         options["structure_weight"] = args.structure_weight
+    if args.appearance_weight is not None:
+        options["appearance_weight"] = args.appearance_weight
     rows = []
     for name in names:
         print(f"--- {name}", flush=True)

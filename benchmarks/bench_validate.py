@@ -55,8 +55,9 @@ def run_real(args) -> tuple[list[dict], str]:
     # puts its figures beside its JSON.
     pics = RESULTS / "validate_real" if not args.out else Path(args.out).with_suffix("")
     pics.mkdir(parents=True, exist_ok=True)
+    wanted = [w for w in (args.images or "").split(",") if w]
     for name, label in labels.items():
-        if args.images and args.images not in name or not label.get("diameter_px"):
+        if wanted and not any(w in name for w in wanted) or not label.get("diameter_px"):
             continue
         recipe = RESULTS / "fits_real" / (Path(name).stem + ".recipe.json")
         if not recipe.is_file():
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", help="real: substring filter on file names")
+    ap.add_argument("--images", help="real: substring filter on file names (comma-separated: any of them)")
     ap.add_argument("--materials", help="held-out: comma-separated material ids")
     ap.add_argument("--out", help="JSON to write (default benchmarks/results/validate_<part>.json)")
     args = ap.parse_args(argv)

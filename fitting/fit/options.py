@@ -21,6 +21,9 @@ class FitOptions:
     lr: float = 0.04
     patience: int = 12               # whole-render iterations without improvement before stopping
     hist_weight: float = 1.0
+    # Weight of the particles' ring-profile distance (fitting.fit.appearance) in the refinement
+    # loss and in every refined candidate's distance; 0 turns it off.
+    appearance_weight: float = 1.0
     # Side of the random square crop of each refinement render that the descriptor loss sees, as
     # a fraction of the render size (1 = the whole render): ``screen_loss_crop`` for the short
     # screening refinements, ``loss_crop`` for the final ones. A crop buys iterations, but one
@@ -81,7 +84,7 @@ class FitOptions:
         if int(self.classified_candidates) < 0:
             raise MatfitError(f"classified_candidates must be >= 0, got {self.classified_candidates}",
                               hint="0 refines the ranking's best materials only")
-        for name in ("structure_weight", "final_structure_weight", "final_classifier_weight"):
+        for name in ("structure_weight", "final_structure_weight", "final_classifier_weight", "appearance_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise MatfitError(f"{name} must be >= 0, got {getattr(self, name)}",
                                   hint="0 leaves that term out of the score (the structure weights: "

@@ -35,6 +35,7 @@ from fitting.core.events import (
     _emit,
     null_sink,
 )
+from fitting.fit.appearance import AppearanceTerm, reference_profile
 from fitting.fit.candidates import (classified_candidates, keep_branched_candidate, rank_materials,
                                    structure_first)
 from fitting.fit.options import FitOptions
@@ -180,7 +181,7 @@ def _fit(reference, opts: FitOptions, sink: EventSink, cancel: CancelToken, libr
         else:
             # continue from the screened parameters; report against the original guess
             cand = Candidate(material_id=mat.id, scale=r["scale"], x_initial=first.x_final,
-                             distance_initial=float("nan"), predictor=r["source"])
+                             distance_initial=float("nan"), predictor=r["source"], appearance=first.appearance)
             refine(scene, tgt, desc, cand, opts, share, sink, cancel, ci, len(top),
                    progress_range=(refine_from, 0.95), known_initial=first.distance_final,
                    first_iteration=first.iterations)
@@ -317,6 +318,8 @@ def prepare_target(ref, opts: FitOptions, lib: dict, sink: EventSink = null_sink
     if usable:
         for s in target.scales:
             structures[s] = StructureTarget(measurement, max(target.by_scale[s]["work"].shape) / float(longest))
+            tgt = target.by_scale[s]
+            tgt["profile"] = reference_profile(measurement, tgt["work"], tgt.get("mask"))
         _emit(sink, "log", stage="describe", message="working scales " + ", ".join(
             f"{s} px (particles at {st.diameter_render:.1f} render px)" for s, st in structures.items()))
     timings["describe"] = time.time() - t0
@@ -680,12 +683,17 @@ def finish_geometry(cand: Candidate, scene, structure, opts: FitOptions, baselin
         m_new = measure_render(field.render_numpy(x_new, seed=EVAL_SEEDS[0]))
         t_new = structure_terms(structure, m_new)
         s_new = structure_distance(t_new, structure.weights)
-        d_new = evaluate_distance(scene, x_new, desc, target_descriptor)
+        # new geometry, new particle positions: the appearance term's zones are made again
+        look = (None if cand.appearance is None else
+                AppearanceTerm.for_candidate(scene, x_new, cand.appearance.reference, cand.appearance.weight,
+                                             seed=EVAL_SEEDS[0]))
+        d_new = evaluate_distance(scene, x_new, desc, target_descriptor, appearance=look)
         score = combined_score(d_new / baseline, s_new, opts.final_structure_weight)
         if score >= cand.score:
             return
         cand.x_final, cand.distance_final, cand.structure_terms, cand.structure_distance, cand.score = \
             x_new, d_new, t_new, s_new, score
+        cand.appearance = look
         m = m_new
         cand.stopped += " (geometry corrected to the measurement)" if "corrected" not in cand.stopped else ""
 

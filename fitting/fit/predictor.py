@@ -313,7 +313,7 @@ def train_predictor(material, x: np.ndarray, f: np.ndarray, part_slices: dict[st
             best_val, best_epoch = v, ep + 1
             best_state = {k: t.clone() for k, t in net.state_dict().items()}
         if log and (ep + 1) % max(1, epochs // 5) == 0:
-            log(f"epoch {ep + 1}/{epochs}: train L1 {float(loss):.4f}, validation L1 {v:.4f}")
+            log(f"epoch {ep + 1}/{epochs}: train L1 {float(loss.detach()):.4f}, validation L1 {v:.4f}")
     net.load_state_dict(best_state)
     net.eval()
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """Refinement of one candidate: Adam on its normalised parameters through the differentiable
-render, with the descriptor distance plus a gray-level distribution term as the loss.
+render, with the descriptor distance plus a gray-level distribution term as the loss, and, where
+the reference's particles were measured, the distance of their ring profile
+(:class:`fitting.fit.appearance.AppearanceTerm`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 
 from fitting.core.events import CancelToken, EventSink, _emit
+from fitting.fit.appearance import AppearanceTerm
 from fitting.fit.options import FitOptions
 from fitting.fit.results import Candidate
 from fitting.fit.target import sorted_pixels
@@ -17,12 +20,23 @@ from fitting.fit.target import sorted_pixels
 EVAL_SEEDS = (1001, 1002)
 
 
-def evaluate_distance(scene, x: np.ndarray, desc, tgt_desc, seeds=EVAL_SEEDS) -> float:
-    """Descriptor distance averaged over fixed seeds: the same yardstick for every candidate."""
+def evaluate_distance(scene, x: np.ndarray, desc, tgt_desc, seeds=EVAL_SEEDS,
+                      appearance: AppearanceTerm | None = None) -> float:
+    """Descriptor distance averaged over fixed seeds: the same yardstick for every candidate.
+    With ``appearance``, its distance (averaged over the same renders) is added."""
     from fitting.describe.descriptor import descriptor_distance
     with torch.no_grad():
-        imgs = torch.stack([scene.render(torch.as_tensor(x), seed=s) for s in seeds])[:, None]
-        return float(descriptor_distance(desc.describe(imgs), tgt_desc).mean())
+        imgs = torch.stack([scene.render(torch.as_tensor(x), seed=s) for s in seeds])
+        d = float(descriptor_distance(desc.describe(imgs[:, None]), tgt_desc).mean())
+        if appearance is not None:
+            d += float(torch.stack([appearance.distance(im) for im in imgs]).mean())
+        return d
+
+
+def appearance_for(scene, x: np.ndarray, tgt: dict, opts: FitOptions) -> AppearanceTerm | None:
+    """The ring-profile term for candidate ``x`` at the working scale of ``tgt`` (None where the
+    reference has no profile: dense or nearly empty fields, measurement off)."""
+    return AppearanceTerm.for_candidate(scene, x, tgt.get("profile"), opts.appearance_weight, seed=EVAL_SEEDS[0])
 
 
 def crop_loss_target(desc, tgt: dict, opts: FitOptions):
@@ -68,14 +82,20 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
 
     ``known_initial``: the start's evaluated distance when already known (continuing a screened
     candidate); ``first_iteration`` numbers the iterations (and render seeds) after earlier ones.
+    The candidate's appearance term (``cand.appearance``) is made here when it has none; its
+    distance is part of every distance reported.
     """
     from fitting.describe.descriptor import descriptor_distance
     t_start = time.time()
     mat = scene.material
     mask = torch.as_tensor(mat.refine_mask())
     x0 = torch.as_tensor(cand.x_initial, dtype=torch.float32)
+    if cand.appearance is None:
+        cand.appearance = appearance_for(scene, cand.x_initial, tgt, opts)
+    appearance = cand.appearance
     cand.distance_initial = (known_initial if known_initial is not None
-                             else evaluate_distance(scene, cand.x_initial, desc, tgt["descriptor"]))
+                             else evaluate_distance(scene, cand.x_initial, desc, tgt["descriptor"],
+                                                    appearance=appearance))
     free = x0[mask].clone().requires_grad_(True)
     loss_desc, loss_target, crop = crop_loss_target(desc, tgt, opts)
     precision = loss_precision(opts, loss_desc.device)
@@ -112,7 +132,8 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
             seen = img[y0:y0 + crop, x0_:x0_ + crop]
         d = descriptor_distance(describe_in(loss_desc, seen[None, None], precision), loss_target).mean()
         hist = (sorted_pixels(img) - q_ref).abs().mean()
-        loss = d + opts.hist_weight * hist
+        look = appearance.distance(img) if appearance is not None else torch.zeros(())
+        loss = d + opts.hist_weight * hist + look
         lv = float(loss.detach())
         if lv > low_loss * (1.0 + opts.backtrack_jump):
             with torch.no_grad():
@@ -154,6 +175,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
               message=f"{mat.id} it {first_iteration + it + 1}: loss {lv:.4f}",
               data={"candidate": index, "material": mat.id, "iteration": first_iteration + it + 1, "loss": lv,
                     "distance": float(d.detach()), "hist": float(hist.detach()),
+                    "appearance": float(look.detach()),
                     "params": {k: round(v, 5) for k, v in phys.items()}})
         if opts.preview_every and (it % opts.preview_every == 0):
             _emit(sink, "preview", stage=stage, progress=frac,
@@ -162,7 +184,7 @@ def refine(scene, tgt: dict, desc, cand: Candidate, opts: FitOptions, budget_s: 
         if since_best >= patience:
             cand.stopped = "converged"
             break
-    final = evaluate_distance(scene, best_x, desc, tgt["descriptor"])
+    final = evaluate_distance(scene, best_x, desc, tgt["descriptor"], appearance=appearance)
     if final > cand.distance_initial:
         # Refinement must never hand back something worse than where it started.
         best_x, final = cand.x_initial.copy(), cand.distance_initial

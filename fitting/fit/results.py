@@ -30,6 +30,8 @@ class Candidate:
     classifier_probability: float | None = None
     # The measurement of x_initial's render on the judged field, when settle_geometry made it.
     initial_measurement: Any = field(default=None, repr=False, compare=False)
+    # The ring-profile term (fitting.fit.appearance) included in its distances, if any.
+    appearance: Any = field(default=None, repr=False, compare=False)
 
     @property
     def gained(self) -> bool:

@@ -1049,8 +1049,8 @@ def _resize_gray(g, valid, s):
     return gw.astype(np.float32), vw
 
 
-def _upsample_labels(lab: np.ndarray, shape) -> np.ndarray:
-    """Nearest-neighbour resize of a label image to ``shape``."""
+def resize_labels(lab: np.ndarray, shape) -> np.ndarray:
+    """Nearest-neighbour resize of a label image to ``shape`` (no new or blended labels)."""
     ri = np.minimum(((np.arange(shape[0]) + 0.5) * lab.shape[0] / shape[0]).astype(int),
                     lab.shape[0] - 1)
     ci = np.minimum(((np.arange(shape[1]) + 0.5) * lab.shape[1] / shape[1]).astype(int),
@@ -1224,7 +1224,7 @@ def measure_particles(gray, valid=None, *, polarity: str = "auto",
     diag["branched"] = bool(branched)
     conf = {key: float(min(1.0, max(0.0, c))) for key, c in conf.items()}
     if s != 1.0:
-        labels = _upsample_labels(labels, (H, W))
+        labels = resize_labels(labels, (H, W))
     return ParticleMeasurement(
         count=count, diameters_px=np.asarray(diam, float), median_px=med, gmean_px=gm,
         gsd=gsd, coverage=coverage, polarity=polarity_out,
