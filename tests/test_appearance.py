@@ -55,6 +55,7 @@ def test_zones_are_disjoint_leave_out_invalid_pixels_and_skip_empty_rings():
     assert not zones[:, ~valid].any()
     # between 1.0 and BACKGROUND_FROM radii outside: in no zone (neither near nor background)
     assert BACKGROUND_FROM > PROFILE_EDGES[-1]
+    assert zones[:, 48, 66].sum() == 1 and not zones[:, 48, 70].any()   # ~0.85 and ~1.25 radii out
     assert profile_zones(np.zeros((32, 32), int)) is None
     tiny = np.zeros((64, 64), int)
     tiny[30:32, 30:32] = 1                                   # a 2x2 particle: no core pixels
